@@ -1,0 +1,9 @@
+// Every torch.ops.cggr schema, in one place.
+#include <torch/library.h>
+
+TORCH_LIBRARY(cggr, m) {
+  // Selection ops: boolean mask of scores' shape; quota k = ceil(ratio * n_valid) computed on device.
+  m.def("select_topk(Tensor scores, Tensor? valid, Tensor ratio) -> Tensor");
+  m.def("select_stratified(Tensor scores, Tensor? valid, Tensor ratio, int num_strata, int seed) -> Tensor");
+  m.def("select_sequence_aware(Tensor scores, Tensor? valid, Tensor ratio, int min_tokens_per_sequence) -> Tensor");
+}
