@@ -6,4 +6,6 @@ TORCH_LIBRARY(cggr, m) {
   m.def("select_topk(Tensor scores, Tensor? valid, Tensor ratio) -> Tensor");
   m.def("select_stratified(Tensor scores, Tensor? valid, Tensor ratio, int num_strata, int seed) -> Tensor");
   m.def("select_sequence_aware(Tensor scores, Tensor? valid, Tensor ratio, int min_tokens_per_sequence) -> Tensor");
+  // Flat indices of a mask's True entries into a fixed-capacity buffer (padded with -1): no host sync.
+  m.def("compact_indices(Tensor mask, int capacity) -> (Tensor, Tensor)");
 }
