@@ -1,0 +1,81 @@
+"""Turn per-token statistics into one difficulty score per token (higher = harder).
+
+Strategies (stats come from one pass of ``token_stats`` over the logits):
+
+- ``entropy``:  H = -sum_v p_v log p_v                      (nats)
+- ``margin``:   1 - (p1 - p2)                               (p1, p2: top-1 and top-2 probabilities)
+- ``loss``:     nll = lse - logit[target]
+- ``combined``: w_H * z(H) + w_m * z(margin) + w_l * z(nll), where z(x) = (x - mean) / (std + 1e-6)
+  over the batch's valid tokens, so the three signals are comparable whatever their units;
+  weights default to 1 each (``combined_weights``).
+- ``excess_loss``: nll - reference_nll, the part of the loss a reference model says is learnable
+  (RHO-LOSS / Rho-1); needs ``reference_nll`` shaped like the targets.
+
+Everything stays on the device: no host synchronisation.
+"""
+from typing import Mapping, Optional
+
+import torch
+
+STRATEGIES = ("entropy", "margin", "loss", "combined", "excess_loss")
+DEFAULT_COMBINED_WEIGHTS = {"entropy": 1.0, "margin": 1.0, "loss": 1.0}
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"scoring must be one of {STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def check_combined_weights(weights: Optional[Mapping[str, float]]) -> dict:
+    if weights is None:
+        return dict(DEFAULT_COMBINED_WEIGHTS)
+    unknown = set(weights) - set(DEFAULT_COMBINED_WEIGHTS)
+    if unknown:
+        raise ValueError(f"combined_weights: unknown signals {sorted(unknown)}; expected keys from "
+                         f"{sorted(DEFAULT_COMBINED_WEIGHTS)}")
+    merged = {name: float(weights.get(name, 0.0)) for name in DEFAULT_COMBINED_WEIGHTS}
+    if all(w == 0.0 for w in merged.values()):
+        raise ValueError(f"combined_weights: at least one weight must be non-zero, got {dict(weights)}")
+    return merged
+
+
+def _standardize(x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    x = torch.where(valid, x, torch.zeros_like(x))
+    mean = x.sum() / n_valid
+    centred = torch.where(valid, x - mean, torch.zeros_like(x))
+    std = (centred.square().sum() / n_valid).sqrt()
+    return centred / (std + 1e-6)
+
+
+def score(stats, strategy: str, valid: torch.Tensor, combined_weights: Optional[Mapping[str, float]] = None,
+          reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Difficulty per token, float32, shaped like ``stats.nll``; 0 on invalid tokens.
+
+    ``stats``: a ``TokenStats`` (lse, nll, entropy, p1, p2). ``valid``: bool, same shape.
+    """
+    check_strategy(strategy)
+    if valid.shape != stats.nll.shape:
+        raise ValueError(f"valid: expected shape {tuple(stats.nll.shape)}, got {tuple(valid.shape)}")
+    margin = 1.0 - (stats.p1 - stats.p2)
+    if strategy == "entropy":
+        raw = stats.entropy
+    elif strategy == "margin":
+        raw = margin
+    elif strategy == "loss":
+        raw = stats.nll
+    elif strategy == "excess_loss":
+        if reference_nll is None:
+            raise ValueError("scoring='excess_loss' needs reference_nll (per-token NLL of a reference model)")
+        if reference_nll.shape != stats.nll.shape:
+            raise ValueError(f"reference_nll: expected shape {tuple(stats.nll.shape)} (one value per target), "
+                             f"got {tuple(reference_nll.shape)}")
+        raw = stats.nll - reference_nll.to(device=stats.nll.device, dtype=torch.float32)
+    else:
+        weights = check_combined_weights(combined_weights)
+        n_valid = valid.sum().clamp_min(1).to(torch.float32)
+        raw = torch.zeros_like(stats.nll)
+        for name, signal in (("entropy", stats.entropy), ("margin", margin), ("loss", stats.nll)):
+            if weights[name] != 0.0:
+                raw = raw + weights[name] * _standardize(signal, valid, n_valid)
+    return torch.where(valid, raw, torch.zeros_like(raw))
