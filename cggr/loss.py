@@ -145,9 +145,9 @@ class CGGRLoss(nn.Module):
     # -- entry points -----------------------------------------------------------------------
     def _align(self, inputs: torch.Tensor, targets: torch.Tensor, what: str):
         """Check shapes and apply the label shift; returns (inputs, targets) with matching leading dims."""
+        last = "V" if what == "logits" else "H"
         if inputs.dim() not in (2, 3):
-            raise ValueError(f"{what} must be [N, {what[0].upper()}] or [B, T, {what[0].upper()}], "
-                             f"got shape {tuple(inputs.shape)}")
+            raise ValueError(f"{what} must be [N, {last}] or [B, T, {last}], got shape {tuple(inputs.shape)}")
         if targets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
         if self.shift_labels:
