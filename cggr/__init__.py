@@ -1,6 +1,26 @@
 """CGGR: Confidence-Gated Gradient Routing."""
+import importlib
+
 import torch  # noqa: F401  (loads libtorch before the extension module)
 
-from . import _C  # noqa: F401  (registers torch.ops.cggr.*)
+from . import _C  # noqa: F401  (registers the C++ ops torch.ops.cggr.*)
 
 __version__ = "0.6.0.dev0"
+
+# Public names, imported on first use so that `import cggr` stays light (no transformers, no Triton).
+_EXPORTS = {
+    "CGGRLoss": "loss",
+    "CGGRModel": "model",
+    "create_truncated_router": "router",
+    "fused_linear_selective_ce": "linear",
+    "token_stats_from_hidden": "linear",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cggr' has no attribute {name!r}")
