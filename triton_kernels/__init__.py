@@ -1,0 +1,14 @@
+"""Triton kernels and their launchers (installed as ``cggr.triton_kernels``).
+
+The launchers take plain tensors and do only the checks needed for memory safety; argument
+validation, op registration and the CPU implementation live in ``cggr.stats_ops``.
+"""
+from .selective_ce_backward import launch_selective_ce_backward, selective_ce_backward_config
+from .token_stats import launch_token_stats, token_stats_config
+
+__all__ = [
+    "launch_token_stats",
+    "token_stats_config",
+    "launch_selective_ce_backward",
+    "selective_ce_backward_config",
+]
