@@ -263,7 +263,8 @@ class TruncatedRouter(nn.Module):
         return list(self.adapter.modules())
 
     @contextlib.contextmanager
-    def _eval_mode(self):
+    def scoring_mode(self):
+        """Eval mode on the shared modules for the duration (when ``deterministic``), flags restored after."""
         if not (self.deterministic and self.adapter.model.training):
             yield
             return
@@ -277,16 +278,20 @@ class TruncatedRouter(nn.Module):
                 m.training = flag
 
     def trunk(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None):
-        """Hidden states after the final norm, [B, T, H] (no mode switching: see ``forward``)."""
+        """Hidden states after the final norm, [B, T, H]. No mode switching (``forward`` adds it), so that
+        ``CGGRModel`` can ``torch.compile`` exactly this function."""
         return self.adapter.trunk(input_ids, attention_mask, position_ids, token_type_ids)
+
+    def head_params(self):
+        head = self.adapter.head()
+        return head.weight, head.bias
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None) -> RouterOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [B, T], got shape {tuple(input_ids.shape)}")
-        with self._eval_mode():
+        with self.scoring_mode():
             hidden = self.trunk(input_ids, attention_mask, position_ids, token_type_ids)
-        head = self.adapter.head()
-        return RouterOutput(hidden, head.weight, head.bias)
+        return RouterOutput(hidden, *self.head_params())
 
     def logits(self, input_ids, **kwargs):
         """Full [B, T, V] logits of the logit lens (tests, inspection; training uses the chunked path)."""

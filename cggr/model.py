@@ -1,0 +1,450 @@
+"""CGGRModel: score every sequence with a cheap truncated router, train the full model on the hardest rows.
+
+One training step (``loss = cggr_model(input_ids, labels=labels, attention_mask=mask)``):
+
+1. Router pass (``torch.no_grad``, the model's dtype / the active autocast): the model's own first
+   ``router_layers`` blocks + final norm + LM head (``cggr.router``, shared tensors), scored chunk by
+   chunk through ``cggr.linear.token_stats_from_hidden`` (no [B, T, V] logits) and
+   ``cggr.scoring.score``. Labels are shifted the way Hugging Face causal LMs shift them: position t
+   predicts ``labels[t + 1]``; the last position has no target.
+2. Row selection: ``k = ceil(ratio * B)`` rows by a row policy (``hardest``, ``stratified``,
+   ``random``; ``register_row_policy`` adds more).
+3. Full forward (+ the caller's backward) on those k rows only.
+
+Documented policies
+-------------------
+- Row difficulty: mean token score over the row's scored tokens. A token is scored when its target is
+  not ``ignore_index`` (-100) and, with an ``attention_mask``, both the predicting position and the
+  target position are real tokens (pads never count, whatever their label). Rows with no scored token,
+  and non-finite means, rank below every finite row.
+- Row count: ``k = ceil(curriculum_ratio * B)`` (at least 1), from the host-side curriculum
+  (``cggr.schedule.RatioSchedule``) only: a host float, so no synchronisation and a fixed row count per
+  ratio (static shapes for ``torch.compile`` / CUDA graphs). ``dynamic_threshold=False`` is therefore
+  the default. With ``dynamic_threshold=True`` the ratio is adjusted by the router's batch confidence
+  (``cggr.schedule``) and read back to the host once per step to size the batch: one device->host
+  synchronisation per step and a row count that varies between steps (documented cost, opt-in).
+- Loss: Hugging Face's causal-LM loss on the selected rows, i.e. cross entropy over their shifted
+  targets that are not -100, mean over those tokens (the model's own ``labels=`` path). A row policy
+  that returns row weights (importance sampling) gets ``sum_i w_row(i) * nll_i / n_valid`` computed here
+  in float32 from the logits, which equals the model's loss when every weight is 1. With ratio 1.0 no
+  router runs and the whole batch goes through unchanged: loss and gradients equal the plain model's.
+- state_dict: exactly the plain model's keys plus ``cggr_step`` (0-dim int64, the curriculum step);
+  ``load_state_dict`` resumes the step. The router registers nothing (it shares the model's tensors).
+  Inside a wrapper that recurses into modules itself (DDP, FSDP) the step travels as this module's
+  ``_extra_state`` instead.
+
+Synchronisation: none in the router/selection path (scores, row indices and gathered rows stay on the
+device) unless ``dynamic_threshold=True`` or ``collect_timing=True``; ``get_metrics()`` reads device
+values and so synchronises when called. Hugging Face's own mask creation reads an all-ones check of a
+2-D ``attention_mask`` on the host (sdpa): pass ``attention_mask=None`` for unpadded batches.
+"""
+import math
+import time
+from collections import OrderedDict
+from typing import Callable, Mapping, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .linear import token_stats_from_hidden
+from .router import TruncatedRouter, create_truncated_router
+from .schedule import SCHEDULES, RatioSchedule, batch_confidence, check_ratio
+from .scoring import check_combined_weights, check_strategy, score
+
+IGNORE_INDEX = -100  # Hugging Face causal LMs hard-code it in their loss
+STEP_KEY = "cggr_step"
+COMPILE_SCOPES = ("router", "model", "all")
+
+
+class RowSelection(NamedTuple):
+    indices: torch.Tensor                 # [k] int64 on the batch's device, ascending
+    row_weight: Optional[torch.Tensor]    # [k] float32 loss weight per selected row, or None (= all 1)
+
+
+class RowPolicy(NamedTuple):
+    """``select(row_scores, k, generator) -> RowSelection``.
+
+    ``row_scores``: [B] float32 row difficulty (higher = harder; ``-inf`` for rows that cannot be scored)
+    or None when ``needs_scores`` is False (no router pass at all). ``k``: host int, 1 <= k < B.
+    ``generator``: a ``torch.Generator`` on the batch's device. Must not synchronise.
+    """
+    select: Callable[[Optional[torch.Tensor], int, torch.Generator], RowSelection]
+    needs_scores: bool
+
+
+def _ascending(indices):
+    # Keep the selected rows in batch order: deterministic layout whatever order topk returns.
+    return torch.sort(indices).values
+
+
+def _select_hardest(row_scores, k, generator):
+    return RowSelection(_ascending(torch.topk(row_scores, k, sorted=False).indices), None)
+
+
+def _select_stratified(row_scores, k, generator):
+    # Half hardest (rounded up), the rest uniformly from the rows not already taken: keeps some easier
+    # sequences in every batch so the model does not drift on the easy part of the distribution.
+    k_hard = (k + 1) // 2
+    hard = torch.topk(row_scores, k_hard, sorted=False).indices
+    if k_hard == k:
+        return RowSelection(_ascending(hard), None)
+    keys = torch.rand(row_scores.shape, generator=generator, device=row_scores.device)
+    keys = keys.index_fill(0, hard, -1.0)  # rand is in [0, 1): taken rows lose every draw
+    rest = torch.topk(keys, k - k_hard, sorted=False).indices
+    return RowSelection(_ascending(torch.cat([hard, rest])), None)
+
+
+def _select_random(batch_size, k, generator):
+    # Uniform without replacement via the k largest of B uniform keys (static shapes, no sync).
+    keys = torch.rand(batch_size, generator=generator, device=generator.device)
+    return RowSelection(_ascending(torch.topk(keys, k, sorted=False).indices), None)
+
+
+ROW_POLICIES = {
+    "hardest": RowPolicy(_select_hardest, True),
+    "stratified": RowPolicy(_select_stratified, True),
+    "random": RowPolicy(_select_random, False),
+}
+
+
+def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False):
+    """Extension point (importance sampling, excess-loss rows, ...): ``select`` as in ``RowPolicy``.
+
+    A policy with ``needs_scores=False`` is called with the batch size ``B`` (an int) instead of scores.
+    Returning ``row_weight`` switches the loss to the weighted form (module docstring, "Loss").
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"row policy name must be a non-empty str, got {name!r}")
+    if name in ROW_POLICIES and not overwrite:
+        raise ValueError(f"row policy {name!r} already exists (pass overwrite=True to replace it)")
+    if not callable(select):
+        raise TypeError(f"row policy {name!r}: select must be callable, got {type(select).__name__}")
+    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores))
+
+
+def rows_for_ratio(ratio: float, batch_size: int) -> int:
+    """ceil(ratio * B), at least 1, at most B. The 1e-9 slack absorbs float error (0.3 * 10 = 3.0000000000000004)."""
+    return min(batch_size, max(1, math.ceil(ratio * batch_size - 1e-9)))
+
+
+class CGGRModel(nn.Module):
+    """Batch-split selective training of a Hugging Face causal LM (see the module docstring).
+
+    Args:
+        model: a causal LM (``create_truncated_router`` families unless ``router`` is given or
+            ``selection='random'``, which needs no router).
+        router: a ``TruncatedRouter`` over ``model``; default ``create_truncated_router(model, router_layers)``.
+        min_tokens_ratio: the final fraction of rows kept (the curriculum's floor), in (0, 1].
+        warmup_steps, schedule: curriculum from 1.0 down to ``min_tokens_ratio`` (``cggr.schedule``).
+        scoring: token difficulty strategy (``cggr.scoring``): entropy|margin|loss|combined|excess_loss
+            (``excess_loss`` needs ``reference_nll=[B, T-1]`` in the call, one value per shifted target).
+        selection: row policy name (``ROW_POLICIES``): hardest|stratified|random, or a registered one.
+        dynamic_threshold, threshold_sensitivity: see "Row count" in the module docstring.
+        router_layers: router depth when ``router`` is None.
+        router_chunk_size: rows per chunk of the router's LM-head scoring (None: cggr.linear's default).
+        seed: seeds the generator of the random row policies.
+        compile: False, True (= 'all'), 'router' (the router trunk), 'model' (the full model forward) or
+            'all'; ``compile_options`` go to ``torch.compile``. The row count is fixed per ratio, so the
+            shapes are static once the curriculum reaches its floor.
+        collect_timing: measure ``router_time_share`` (router + selection time over the time from the
+            start of ``forward`` to ``step()``); costs one synchronisation in ``step()``.
+    """
+
+    def __init__(self, model: nn.Module, router: Optional[TruncatedRouter] = None, min_tokens_ratio: float = 0.25,
+                 warmup_steps: int = 1000, scoring: str = "loss", selection: str = "hardest",
+                 dynamic_threshold: bool = False, threshold_sensitivity: float = 0.5, router_layers: int = 4,
+                 schedule: str = "linear", combined_weights: Optional[Mapping[str, float]] = None,
+                 router_chunk_size: Optional[int] = None, seed: int = 0,
+                 compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
+                 collect_timing: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_ratio("min_tokens_ratio", min_tokens_ratio)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.scoring = check_strategy(scoring)
+        self.combined_weights = check_combined_weights(combined_weights)
+        if selection not in ROW_POLICIES:
+            raise ValueError(f"selection must be one of {tuple(ROW_POLICIES)}, got {selection!r}")
+        if compile is True:
+            compile = "all"
+        if compile is not False and compile not in COMPILE_SCOPES:
+            raise ValueError(f"compile must be False, True or one of {COMPILE_SCOPES}, got {compile!r}")
+        self.model = model
+        self.schedule = RatioSchedule(min_tokens_ratio, warmup_steps, schedule, dynamic_threshold,
+                                      threshold_sensitivity)
+        self.selection = selection
+        self.policy = ROW_POLICIES[selection]
+        self.router_chunk_size = router_chunk_size
+        self.seed = int(seed)
+        self.collect_timing = bool(collect_timing)
+        self.compile_scope = compile
+
+        if router is None and self.policy.needs_scores:
+            router = create_truncated_router(model, num_layers=router_layers)
+        if router is not None:
+            if not isinstance(router, TruncatedRouter):
+                raise TypeError(f"router must be a cggr TruncatedRouter (create_truncated_router), "
+                                f"got {type(router).__name__}")
+            if router.model is not model:
+                raise ValueError("router must be built on the same model instance it routes for "
+                                 "(create_truncated_router(model, ...)): it shares that model's tensors")
+        # Held outside nn.Module's registry: the router owns no tensors, and a registered submodule would
+        # only add a second path to the model's modules in repr/apply.
+        self.__dict__["router"] = router
+
+        options = dict(compile_options or {})
+        trunk = router.trunk if router is not None else None
+        forward_model = model
+        if compile in ("router", "all") and trunk is not None:
+            trunk = torch.compile(trunk, **options)
+        if compile in ("model", "all"):
+            forward_model = torch.compile(model, **options)
+        # Plain attributes again: the compiled wrapper (an nn.Module) must not register the model twice.
+        self.__dict__["_trunk_fn"] = trunk
+        self.__dict__["_forward_model"] = forward_model
+
+        self._step = 0
+        self._generators = {}
+        self._last = None
+        self._timing = None
+        self._pending_timing = None
+
+    # -- curriculum state ----------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def current_ratio(self) -> float:
+        return self.schedule.curriculum_ratio(self._step)
+
+    def step(self):
+        """Advance the curriculum; call once per optimizer step (after ``optimizer.step()``)."""
+        if self._pending_timing is not None:
+            self._finish_timing()
+        self._step += 1
+
+    def get_extra_state(self):
+        return {"step": self._step}
+
+    def set_extra_state(self, state):
+        self._set_step(state["step"])
+
+    def _set_step(self, step):
+        if isinstance(step, torch.Tensor):
+            step = int(step.item())
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state_dict: {STEP_KEY} must be an int >= 0, got {step!r}")
+        self._step = step
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The plain model's state_dict (same keys) plus ``cggr_step``."""
+        state = self.model.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        state[prefix + STEP_KEY] = torch.tensor(self._step, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load the model's tensors and resume the curriculum step. A plain model's state_dict (no
+        ``cggr_step``) loads with ``strict=False`` only; the step is then left unchanged."""
+        model_state = OrderedDict(state_dict)
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None:
+            model_state._metadata = metadata
+        step = model_state.pop(STEP_KEY, None)
+        if step is None and strict:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing key "
+                               f"{STEP_KEY!r} (the curriculum step); pass strict=False to load a plain "
+                               f"model's state_dict")
+        result = self.model.load_state_dict(model_state, strict=strict, assign=assign)
+        if step is not None:
+            self._set_step(step)
+        else:
+            result.missing_keys.append(STEP_KEY)
+        return result
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """Loss on the selected rows; without ``labels``, the plain model's output on the whole batch."""
+        if labels is None:
+            return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a [B, T] tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+        if tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} to match input_ids, "
+                             f"got {tuple(labels.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected a 2-D mask of shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        reference_nll = kwargs.pop("reference_nll", None)
+        if (reference_nll is None) != (self.scoring != "excess_loss"):
+            raise ValueError("reference_nll is needed by scoring='excess_loss' and only by it "
+                             f"(scoring={self.scoring!r}, reference_nll given: {reference_nll is not None})")
+
+        B, T = input_ids.shape
+        timing = self._start_timing(input_ids.device) if self.collect_timing else None
+        ratio = self.current_ratio
+        k = rows_for_ratio(ratio, B)
+        confidence = None
+        selection = None
+        if k < B or self.schedule.dynamic_threshold:
+            row_scores = None
+            if self.policy.needs_scores or self.schedule.dynamic_threshold:
+                row_scores, confidence = self._score_rows(input_ids, labels, attention_mask, kwargs, reference_nll)
+            if self.schedule.dynamic_threshold:
+                # Opt-in host decision (module docstring): one synchronisation per step.
+                ratio = float(self.schedule.ratio(self._step, confidence).item())
+                k = rows_for_ratio(ratio, B)
+            if k < B:
+                generator = self._generator(input_ids.device)
+                selection = self.policy.select(row_scores if self.policy.needs_scores else B, k, generator)
+        if timing is not None:
+            self._mark_router_end(timing)
+
+        if selection is None:
+            rows_ids, rows_labels, rows_mask, rows_kwargs = input_ids, labels, attention_mask, kwargs
+        else:
+            idx = selection.indices
+
+            def take(t):
+                return t.index_select(0, idx if t.device == idx.device else idx.to(t.device))
+
+            rows_ids, rows_labels = take(input_ids), take(labels)
+            rows_mask = take(attention_mask) if attention_mask is not None else None
+            # Every per-row tensor kwarg follows its rows; anything else (flags, num_items_in_batch,
+            # [1, T] position_ids) passes through unchanged.
+            rows_kwargs = {name: take(v) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
+                           for name, v in kwargs.items()}
+
+        if selection is not None and selection.row_weight is not None:
+            out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, **rows_kwargs)
+            loss = self._weighted_loss(out.logits, rows_labels, selection.row_weight)
+        else:
+            out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, labels=rows_labels,
+                                      **rows_kwargs)
+            loss = out.loss
+
+        target_valid = labels[:, 1:] != IGNORE_INDEX
+        per_row = target_valid.sum(1)
+        self._last = {
+            "ratio": ratio,
+            "sequences_selected": k,
+            "sequences_total": B,
+            "tokens_total": per_row.sum(),
+            "tokens_selected": per_row.sum() if selection is None else per_row.index_select(0, selection.indices).sum(),
+            "confidence": confidence,
+        }
+        if timing is not None:
+            self._pending_timing = timing
+        return loss
+
+    def _score_rows(self, input_ids, labels, attention_mask, kwargs, reference_nll):
+        """[B] row difficulty (float32, -inf for rows without a scored token) and the batch confidence."""
+        router = self.router
+        if router is None:
+            raise ValueError(f"selection={self.selection!r} with dynamic_threshold=True needs a router "
+                             "(the batch confidence comes from it)")
+        B, T = input_ids.shape
+        with torch.no_grad():
+            with router.scoring_mode():
+                hidden = self._trunk_fn(input_ids, attention_mask, kwargs.get("position_ids"),
+                                        kwargs.get("token_type_ids"))
+            weight, bias = router.head_params()
+            # HF shift: position t predicts labels[t + 1]; the last position gets ignore_index.
+            targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            valid = targets != IGNORE_INDEX
+            if attention_mask is not None:
+                real = attention_mask.bool()
+                # both the predicting position and the target must be real tokens
+                valid = valid & real & nn.functional.pad(real[:, 1:], (0, 1), value=False)
+            targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
+            stats = token_stats_from_hidden(hidden.reshape(B * T, hidden.shape[-1]), weight,
+                                            targets.reshape(B * T), bias=bias, ignore_index=IGNORE_INDEX,
+                                            chunk_size=self.router_chunk_size)
+            stats = type(stats)(*(s.view(B, T) for s in stats))
+            ref = None
+            if reference_nll is not None:
+                if tuple(reference_nll.shape) != (B, T - 1):
+                    raise ValueError(f"reference_nll: expected shape {(B, T - 1)} (one value per shifted "
+                                     f"target), got {tuple(reference_nll.shape)}")
+                ref = nn.functional.pad(reference_nll.to(torch.float32), (0, 1))
+            scores = score(stats, self.scoring, valid, self.combined_weights, ref)
+            n_scored = valid.sum(1)
+            rows = scores.sum(1) / n_scored.clamp_min(1).to(torch.float32)
+            rows = torch.where((n_scored > 0) & torch.isfinite(rows), rows, torch.full_like(rows, -math.inf))
+            confidence = batch_confidence(stats.p1, valid) if self.schedule.dynamic_threshold else None
+        return rows, confidence
+
+    @staticmethod
+    def _weighted_loss(logits, labels, row_weight):
+        # Float32 like HF's ForCausalLMLoss, so that all-ones weights reproduce the model's loss.
+        logits = logits[:, :-1].float()
+        targets = labels[:, 1:]
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+        n_valid = (targets != IGNORE_INDEX).sum()
+        return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
+
+    def _generator(self, device):
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    # -- timing and metrics --------------------------------------------------------------------------
+    def _start_timing(self, device):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return {"cuda": True, "start": start}
+        return {"cuda": False, "start": time.perf_counter()}
+
+    def _mark_router_end(self, timing):
+        if timing["cuda"]:
+            timing["router_end"] = torch.cuda.Event(enable_timing=True)
+            timing["router_end"].record()
+        else:
+            timing["router_end"] = time.perf_counter()
+
+    def _finish_timing(self):
+        timing, self._pending_timing = self._pending_timing, None
+        if timing["cuda"]:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            router_ms = timing["start"].elapsed_time(timing["router_end"])
+            step_ms = timing["start"].elapsed_time(end)
+        else:
+            end = time.perf_counter()
+            router_ms = (timing["router_end"] - timing["start"]) * 1e3
+            step_ms = (end - timing["start"]) * 1e3
+        self._timing = {"router_ms": router_ms, "step_ms": step_ms,
+                        "router_time_share": router_ms / step_ms if step_ms > 0 else 0.0}
+
+    def get_metrics(self) -> dict:
+        """Numbers of the last ``forward`` with labels (host values: reading them synchronises)."""
+        metrics = {"step": self._step, "curriculum_ratio": self.current_ratio}
+        last = self._last
+        if last is None:
+            return metrics
+        tokens_total = int(last["tokens_total"].item())
+        tokens_selected = int(last["tokens_selected"].item())
+        metrics.update(
+            row_ratio=last["ratio"],
+            sequences_selected=last["sequences_selected"],
+            sequences_total=last["sequences_total"],
+            tokens_selected=tokens_selected,
+            tokens_total=tokens_total,
+            token_ratio=tokens_selected / tokens_total if tokens_total > 0 else 0.0,
+        )
+        if last["confidence"] is not None:
+            metrics["avg_confidence"] = float(last["confidence"].item())
+        if self._timing is not None:
+            metrics.update(self._timing)
+        return metrics
