@@ -125,13 +125,13 @@ def _token_stats_cpu(logits, targets, ignore_index):
         out[0, r0:r1] = lse
         out[2, r0:r1] = log_s - t / s
         top = torch.topk(x, min(2, V), dim=1, sorted=True).values
-        out[3, r0:r1] = torch.exp(top[:, 0] - lse)
-        out[4, r0:r1] = torch.exp(top[:, 1] - lse) if V > 1 else 0.0
+        out[3, r0:r1] = torch.exp((top[:, 0] - m) - log_s)
+        out[4, r0:r1] = torch.exp((top[:, 1] - m) - log_s) if V > 1 else 0.0
         tgt = targets[r0:r1].long()
         ignored = tgt == ignore_index
         in_range = (tgt >= 0) & (tgt < V)
         x_t = x.gather(1, torch.where(in_range, tgt, 0)[:, None]).squeeze(1)
-        nll = torch.where(in_range, lse - x_t, float("nan"))
+        nll = torch.where(in_range, (m - x_t) + log_s, float("nan"))
         out[1, r0:r1] = torch.where(ignored, 0.0, nll)
     return out
 

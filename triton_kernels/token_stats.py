@@ -87,15 +87,16 @@ def _token_stats_kernel(
     other_lanes = tl.max(tl.where(is_best, float("-inf"), top1), axis=1)
     second = tl.maximum(tl.max(top2, axis=1), other_lanes)
     second = tl.where(n_best > 1, best, second)
-    p1 = tl.exp(best - lse)
-    p2 = tl.exp(second - lse)
+    # (x - m) - log s rather than x - lse: exact when |m| is huge and log s is not
+    p1 = tl.exp((best - m) - log_s)
+    p2 = tl.exp((second - m) - log_s)
 
     # target logit: one scalar load per row, only for targets inside [0, V)
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     ignored = tgt == ignore_index
     in_range = (tgt >= 0) & (tgt < V)
     x_t = tl.load(row_base + tgt, mask=row_ok & in_range & (~ignored), other=0.0).to(tl.float32)
-    nll = tl.where(ignored, 0.0, tl.where(in_range, lse - x_t, float("nan")))
+    nll = tl.where(ignored, 0.0, tl.where(in_range, (m - x_t) + log_s, float("nan")))
 
     tl.store(out_ptr + rows, lse, mask=row_ok)
     tl.store(out_ptr + N + rows, nll, mask=row_ok)
