@@ -68,7 +68,7 @@ def _selective_ce_backward_kernel(
 
 def selective_ce_backward_config(V, dtype):
     """Launch config (BLOCK_N, BLOCK_V, num_warps); same reasoning as token_stats_config."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if V >= 16384:
         if elem == 2:
             return 1, 8192, 16

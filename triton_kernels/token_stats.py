@@ -45,6 +45,7 @@ def _token_stats_kernel(
     ignore_index,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    LANE_SUMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -58,6 +59,9 @@ def _token_stats_kernel(
     t = tl.zeros([BLOCK_N], tl.float32)
     top1 = tl.full([BLOCK_N, BLOCK_V], float("-inf"), tl.float32)
     top2 = tl.full([BLOCK_N, BLOCK_V], float("-inf"), tl.float32)
+    if LANE_SUMS:
+        s_lane = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        t_lane = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
 
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
@@ -68,13 +72,22 @@ def _token_stats_kernel(
         top1 = tl.maximum(top1, x)
         # online softmax sums around the running max
         m_new = tl.maximum(m, tl.max(x, axis=1))
-        rescale = tl.exp(m - m_new)
+        delta = m - m_new
+        rescale = tl.exp(delta)
         d = tl.maximum(x - m_new[:, None], _D_MIN)
         e = tl.exp(d)
-        t = rescale * (t + (m - m_new) * s) + tl.sum(e * d, axis=1)
-        s = s * rescale + tl.sum(e, axis=1)
+        if LANE_SUMS:
+            # per-lane sums: two more FMAs per element, but no cross-warp reduction per chunk
+            t_lane = rescale[:, None] * (t_lane + delta[:, None] * s_lane) + e * d
+            s_lane = s_lane * rescale[:, None] + e
+        else:
+            t = rescale * (t + delta * s) + tl.sum(e * d, axis=1)
+            s = s * rescale + tl.sum(e, axis=1)
         m = m_new
 
+    if LANE_SUMS:
+        s = tl.sum(s_lane, axis=1)
+        t = tl.sum(t_lane, axis=1)
     log_s = tl.log(s)
     lse = m + log_s
     entropy = log_s - t / s
@@ -113,7 +126,7 @@ def token_stats_config(V, dtype):
     keeps 2-4 16-byte loads in flight. Small V: the whole row in one chunk and several rows per
     program so a program still moves ~8-16 KB.
     """
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if V >= 16384:
         if elem == 2:
             return 1, 8192, 16
@@ -135,11 +148,12 @@ def _check_runnable(t):
 
 
 def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=None, block_v=None,
-                       num_warps=None, num_stages=None):
+                       num_warps=None, num_stages=None, lane_sums=False):
     """Run the token_stats kernel: logits [N, V] (stride(1) == 1), targets [N] int64/int32 -> [5, N] fp32.
 
     No argument checking beyond what the kernel needs to be memory safe (the op layer checks dtypes and
-    shapes). block_n / block_v / num_warps / num_stages override the table in token_stats_config.
+    shapes). block_n / block_v / num_warps / num_stages override the table in token_stats_config;
+    lane_sums=True selects the variant that keeps the softmax sums per lane (reduced once per row).
     """
     _check_runnable(logits)
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -164,6 +178,6 @@ def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=
     grid = (triton.cdiv(N, block_n),)
     _token_stats_kernel[grid](
         logits, targets, out, N, V, logits.stride(0), ignore_index,
-        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps, **extra,
+        BLOCK_N=block_n, BLOCK_V=block_v, LANE_SUMS=bool(lane_sums), num_warps=num_warps, **extra,
     )
     return out
