@@ -28,10 +28,10 @@ Documented policies
   that returns row weights (importance sampling) gets ``sum_i w_row(i) * nll_i / n_valid`` computed here
   in float32 from the logits, which equals the model's loss when every weight is 1. With ratio 1.0 no
   router runs and the whole batch goes through unchanged: loss and gradients equal the plain model's.
-- state_dict: exactly the plain model's keys plus ``cggr_step`` (0-dim int64, the curriculum step);
-  ``load_state_dict`` resumes the step. The router registers nothing (it shares the model's tensors).
-  Inside a wrapper that recurses into modules itself (DDP, FSDP) the step travels as this module's
-  ``_extra_state`` instead.
+- state_dict: exactly the plain model's keys plus ``cggr_step`` (0-dim int64, the curriculum step), also
+  when nested in a parent module (keys under the parent's prefix); ``load_state_dict`` resumes the step.
+  The router registers nothing (it shares the model's tensors). A plain model's state_dict loads with
+  ``strict=False`` (``cggr_step`` reported missing, the step kept).
 
 Synchronisation: none in the router/selection path (scores, row indices and gathered rows stay on the
 device) unless ``dynamic_threshold=True`` or ``collect_timing=True``; ``get_metrics()`` reads device
@@ -206,6 +206,10 @@ class CGGRModel(nn.Module):
         self.__dict__["_forward_model"] = forward_model
 
         self._step = 0
+        self._loading_prefix = ""
+        self._loading_found_step = False
+        self.register_load_state_dict_pre_hook(self._load_pre_hook)
+        self.register_load_state_dict_post_hook(self._load_post_hook)
         self._generators = {}
         self._last = None
         self._timing = None
@@ -226,43 +230,50 @@ class CGGRModel(nn.Module):
             self._finish_timing()
         self._step += 1
 
-    def get_extra_state(self):
-        return {"step": self._step}
-
-    def set_extra_state(self, state):
-        self._set_step(state["step"])
-
     def _set_step(self, step):
         if isinstance(step, torch.Tensor):
-            step = int(step.item())
+            step = int(step.item()) if step.numel() == 1 and not step.is_floating_point() else step
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state_dict: {STEP_KEY} must be an int >= 0, got {step!r}")
         self._step = step
 
+    # state_dict layout: the plain model's keys (no "model." prefix) plus ``cggr_step``, at any nesting
+    # depth. Saving overrides ``state_dict`` (which nn.Module also calls for children). Loading goes through
+    # hooks, because a parent's ``load_state_dict`` never calls ours: the pre-hook takes ``cggr_step`` out and
+    # maps the model's keys onto the ``model.`` submodule; the post-hook reports keys in the saved layout.
     def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """The plain model's state_dict (same keys) plus ``cggr_step``."""
+        """The plain model's state_dict (same keys) plus ``cggr_step`` (0-dim int64)."""
         state = self.model.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            # Module versions are looked up by module path on load: also file them under "model.".
+            root = prefix[:-1]
+            for key in [k for k in metadata if k == root or k.startswith(prefix)]:
+                rest = key[len(prefix):] if key != root else ""
+                metadata[prefix + "model" + ("." + rest if rest else "")] = metadata[key]
         state[prefix + STEP_KEY] = torch.tensor(self._step, dtype=torch.int64)
         return state
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load the model's tensors and resume the curriculum step. A plain model's state_dict (no
-        ``cggr_step``) loads with ``strict=False`` only; the step is then left unchanged."""
-        model_state = OrderedDict(state_dict)
-        metadata = getattr(state_dict, "_metadata", None)
-        if metadata is not None:
-            model_state._metadata = metadata
-        step = model_state.pop(STEP_KEY, None)
-        if step is None and strict:
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing key "
-                               f"{STEP_KEY!r} (the curriculum step); pass strict=False to load a plain "
-                               f"model's state_dict")
-        result = self.model.load_state_dict(model_state, strict=strict, assign=assign)
+    def _load_pre_hook(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                       error_msgs):
+        step = state_dict.pop(prefix + STEP_KEY, None)
+        self._loading_found_step = step is not None
         if step is not None:
             self._set_step(step)
-        else:
-            result.missing_keys.append(STEP_KEY)
-        return result
+        # Every other key under the prefix is the model's (a Llama's own keys start with "model." too:
+        # the rename is unconditional, and the post-hook strips exactly one "model.").
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+        self._loading_prefix = prefix
+
+    def _load_post_hook(self, module, incompatible_keys):
+        prefix = self._loading_prefix
+        model_prefix = prefix + "model."
+        for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+            keys[:] = [prefix + k[len(model_prefix):] if k.startswith(model_prefix) else k for k in keys]
+        if not self._loading_found_step:
+            # A plain model's state_dict has no step: strict loading reports it, strict=False keeps the step.
+            incompatible_keys.missing_keys.append(prefix + STEP_KEY)
 
     # -- forward -------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,

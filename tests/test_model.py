@@ -1,0 +1,393 @@
+"""CGGRModel: router-scored row selection, full step on the selected rows only."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+from cggr.model import ROW_POLICIES, STEP_KEY, CGGRModel, RowSelection, register_row_policy, rows_for_ratio
+from cggr.router import create_truncated_router
+
+from test_router import VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest, no package)
+
+FAMILIES = ["llama", "gpt2", "gpt_neox"]
+
+
+def batch(B=8, T=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    return ids, ids.clone()
+
+
+class RowRecorder:
+    """Forward pre-hook on the full model: what it was called with."""
+
+    def __init__(self, model):
+        self.calls = []
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls.append({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def reference_row_nll(model, num_layers, ids, labels, mask=None):
+    """Row difficulty for scoring='loss', by brute force: full logits of the logit lens + F.cross_entropy."""
+    router = create_truncated_router(model, num_layers=num_layers)
+    with torch.no_grad():
+        logits = router.logits(ids, attention_mask=mask)[:, :-1].float()
+    targets = labels[:, 1:]
+    valid = targets != -100
+    if mask is not None:
+        valid &= mask[:, :-1].bool() & mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    nll = torch.where(valid, nll, torch.zeros_like(nll))
+    rows = nll.sum(1) / valid.sum(1).clamp_min(1)
+    return torch.where(valid.sum(1) > 0, rows, torch.full_like(rows, -math.inf))
+
+
+# -- equality with the plain model at ratio 1.0 --------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_one_equals_plain_model(family):
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0          # right padding
+    labels[2, 9:] = -100
+    labels[5, :4] = -100     # ignore_index inside a row
+    plain = tiny_model(family)
+    plain_loss = plain(ids, attention_mask=mask, labels=labels).loss
+    plain_loss.backward()
+
+    model = tiny_model(family)
+    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    loss = cggr(ids, labels=labels, attention_mask=mask)
+    loss.backward()
+    assert recorder.calls[0]["input_ids"].shape == ids.shape
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    expected = grads(plain)
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selected_loss_is_the_models_loss_on_those_rows(family):
+    ids, labels = batch(B=8)
+    labels[3, 2:7] = -100
+    model = tiny_model(family)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    loss = cggr(ids, labels=labels)
+    rows = recorder.calls[0]
+    with torch.no_grad():
+        plain = model(rows["input_ids"], labels=rows["labels"]).loss
+    torch.testing.assert_close(loss.detach(), plain)
+    # mean over the valid shifted tokens of the selected rows
+    logits = model(rows["input_ids"]).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), rows["labels"][:, 1:], ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss.detach(), (nll / (rows["labels"][:, 1:] != -100).sum()).detach())
+
+
+# -- which rows, how many ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio,B", [(0.25, 8), (0.3, 10), (0.5, 7), (0.1, 4), (0.99, 6)])
+def test_full_model_sees_ceil_ratio_rows(ratio, B):
+    model = tiny_model("llama")
+    cggr = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    ids, labels = batch(B=B)
+    mask = torch.ones_like(ids)
+    cggr(ids, labels=labels, attention_mask=mask, position_ids=torch.arange(12).expand(B, 12))
+    k = math.ceil(round(ratio * B, 9))
+    assert rows_for_ratio(ratio, B) == k
+    call = recorder.calls[0]
+    for name in ("input_ids", "labels", "attention_mask", "position_ids"):
+        assert call[name].shape == (k, 12), name
+    metrics = cggr.get_metrics()
+    assert metrics["sequences_selected"] == k and metrics["sequences_total"] == B
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hardest_rows_are_picked(family):
+    model = tiny_model(family)
+    ids, labels = batch(B=8, seed=3)
+    cggr = CGGRModel(model, min_tokens_ratio=0.375, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    cggr(ids, labels=labels)
+    expected = torch.topk(reference_row_nll(model, 2, ids, labels), 3).indices.sort().values
+    torch.testing.assert_close(recorder.calls[0]["input_ids"], ids[expected])
+
+
+def test_row_difficulty_is_padding_and_ignore_index_aware():
+    model = tiny_model("llama")
+    ids, labels = batch(B=6, T=12, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0                  # right padding: pads carry real label ids on purpose
+    mask[4, :5] = 0                  # left padding
+    labels[2, :] = -100              # a row with nothing to learn is never preferred
+    labels[3, 3:9] = -100
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    cggr(ids, labels=labels, attention_mask=mask, position_ids=position_ids)
+    router = create_truncated_router(model, num_layers=2)
+    with torch.no_grad():
+        logits = router.logits(ids, attention_mask=mask, position_ids=position_ids)[:, :-1].float()
+    targets = labels[:, 1:]
+    valid = (targets != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    rows = torch.where(valid, nll, 0).sum(1) / valid.sum(1).clamp_min(1)
+    rows[valid.sum(1) == 0] = -math.inf
+    expected = torch.topk(rows, 3).indices.sort().values
+    assert 2 not in expected.tolist()
+    torch.testing.assert_close(recorder.calls[0]["input_ids"], ids[expected])
+    torch.testing.assert_close(recorder.calls[0]["attention_mask"], mask[expected])
+    torch.testing.assert_close(recorder.calls[0]["position_ids"], position_ids[expected])
+
+
+def test_padded_row_scores_like_its_unpadded_self():
+    # Same sequence, once unpadded (T=8) and once right-padded to 12 among others: same difficulty.
+    model = tiny_model("gpt_neox")
+    ids, labels = batch(B=4, T=12, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    padded_rows, _ = cggr._score_rows(ids, labels, mask, {}, None)
+    alone, _ = cggr._score_rows(ids[:1, :8], labels[:1, :8], None, {}, None)
+    torch.testing.assert_close(padded_rows[0], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_non_batch_kwargs_pass_through_and_batch_kwargs_follow_rows():
+    model = tiny_model("gpt2")
+    ids, labels = batch(B=8)
+    types = torch.arange(8)[:, None].expand(8, 12)  # GPT-2 embeds token types with wte: row id < vocab
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(model)
+    cggr(ids, labels=labels, token_type_ids=types, position_ids=torch.arange(12)[None])
+    call = recorder.calls[0]
+    assert call["position_ids"].shape == (1, 12)       # [1, T]: not a per-row tensor
+    rows = [int(r) for r in call["token_type_ids"][:, 0]]
+    torch.testing.assert_close(call["input_ids"], ids[rows])
+
+
+def test_stratified_keeps_hardest_half_plus_random_rest():
+    model = tiny_model("llama")
+    ids, labels = batch(B=8, seed=6)
+    difficulty = reference_row_nll(model, 2, ids, labels)
+    hardest_two = set(torch.topk(difficulty, 2).indices.tolist())
+    picked = []
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2, selection="stratified", seed=0)
+    recorder = RowRecorder(model)
+    for _ in range(6):
+        cggr(ids, labels=labels)
+        rows = {int((ids == r).all(1).nonzero()) for r in recorder.calls[-1]["input_ids"]}
+        assert len(rows) == 4 and hardest_two <= rows
+        picked.append(frozenset(rows))
+    assert len(set(picked)) > 1   # the easier half is redrawn
+
+
+def test_random_policy_needs_no_router_and_is_uniform():
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                           num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="random", seed=1)
+    assert cggr.router is None
+    recorder = RowRecorder(model)
+    ids, labels = batch(B=8)
+    counts = torch.zeros(8)
+    for _ in range(40):
+        cggr(ids, labels=labels)
+        rows = [int((ids == r).all(1).nonzero()) for r in recorder.calls[-1]["input_ids"]]
+        assert len(set(rows)) == 2
+        counts[rows] += 1
+    assert (counts > 0).all()
+
+
+def test_weighted_row_policy_extension_point():
+    def ones_weighted_hardest(row_scores, k, generator):
+        hardest = ROW_POLICIES["hardest"].select(row_scores, k, generator)
+        return RowSelection(hardest.indices, torch.ones(k, device=row_scores.device))
+
+    def double_first(row_scores, k, generator):
+        hardest = ROW_POLICIES["hardest"].select(row_scores, k, generator)
+        weight = torch.ones(k)
+        weight[0] = 2.0
+        return RowSelection(hardest.indices, weight)
+
+    register_row_policy("test_ones", ones_weighted_hardest, overwrite=True)
+    register_row_policy("test_double", double_first, overwrite=True)
+    with pytest.raises(ValueError, match="already exists"):
+        register_row_policy("hardest", ones_weighted_hardest)
+    ids, labels = batch(B=8)
+    labels[:, :3] = -100
+    model = tiny_model("llama")
+    base = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)(ids, labels=labels)
+    ones = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection="test_ones")
+    torch.testing.assert_close(ones(ids, labels=labels), base, rtol=1e-6, atol=1e-6)
+    recorder = RowRecorder(model)
+    doubled = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection="test_double")
+    loss = doubled(ids, labels=labels)
+    rows = recorder.calls[0]["input_ids"]
+    picked = [int((ids == r).all(1).nonzero()) for r in rows]
+    targets = labels[picked][:, 1:]
+    with torch.no_grad():
+        logits = model(rows).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    expected = (2 * nll[0].sum() + nll[1].sum()) / (targets != -100).sum()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_every_block(family):
+    model = tiny_model(family).train()
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    ids, labels = batch(B=8)
+    cggr(ids, labels=labels).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    blocks = {"llama": model.model.layers if family == "llama" else None,
+              "gpt2": getattr(getattr(model, "transformer", None), "h", None),
+              "gpt_neox": getattr(getattr(model, "gpt_neox", None), "layers", None)}[family]
+    for i, block in enumerate(blocks):
+        assert any(p.grad.abs().sum() > 0 for p in block.parameters()), f"block {i} got no gradient"
+    # the router pass itself builds no graph
+    assert all(m.training for m in model.modules())
+
+
+def test_curriculum_row_count_and_step_and_state_dict():
+    model = tiny_model("llama")
+    keys = list(model.state_dict())
+    n_params = sum(p.numel() for p in model.parameters())
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=4, router_layers=2)
+    assert sum(p.numel() for p in cggr.parameters()) == n_params
+    recorder = RowRecorder(model)
+    ids, labels = batch(B=8)
+    seen = []
+    for _ in range(6):
+        cggr(ids, labels=labels)
+        seen.append(recorder.calls[-1]["input_ids"].shape[0])
+        cggr.step()
+    assert seen == [8, 7, 5, 4, 2, 2]       # ceil(8 * (1 - 0.75 * min(s / 4, 1)))
+    state = cggr.state_dict()
+    assert list(state) == keys + [STEP_KEY] and int(state[STEP_KEY]) == 6
+    resumed = CGGRModel(tiny_model("llama", seed=9), min_tokens_ratio=0.25, warmup_steps=4, router_layers=2)
+    resumed.load_state_dict(state)
+    assert resumed.step_count == 6
+    torch.testing.assert_close(resumed.model.model.norm.weight, model.model.norm.weight)
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "cggr_step"'):
+        resumed.load_state_dict(model.state_dict())
+    result = resumed.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == [STEP_KEY] and result.unexpected_keys == [] and resumed.step_count == 6
+    partial = dict(state)
+    del partial["model.norm.weight"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "model.norm.weight"'):
+        resumed.load_state_dict(partial)
+    # nested in a parent module: same layout under the parent's prefix, and loading resumes the step
+    nested = torch.nn.ModuleDict({"inner": cggr}).state_dict()
+    assert list(nested) == ["inner." + k for k in keys] + ["inner." + STEP_KEY]
+    fresh = torch.nn.ModuleDict({"inner": CGGRModel(tiny_model("llama", seed=5), router_layers=2)})
+    fresh.load_state_dict(nested)
+    assert fresh["inner"].step_count == 6
+    torch.testing.assert_close(fresh["inner"].model.lm_head.weight, model.lm_head.weight)
+
+
+def test_metrics():
+    model = tiny_model("llama")
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, collect_timing=True)
+    ids, labels = batch(B=8)
+    labels[0, :] = -100
+    cggr(ids, labels=labels).backward()
+    cggr.step()
+    m = cggr.get_metrics()
+    assert m["step"] == 1 and m["sequences_selected"] == 2 and m["sequences_total"] == 8
+    assert m["tokens_total"] == 7 * 11 and m["tokens_selected"] == 2 * 11
+    assert m["token_ratio"] == pytest.approx(2 / 7)
+    assert 0.0 < m["router_time_share"] < 1.0 and m["step_ms"] > m["router_ms"] > 0
+
+
+def test_dynamic_threshold_sizes_rows_from_confidence():
+    model = tiny_model("llama")
+    # random weights: confidence ~ 1/V, so ratio = clamp(0.25 + 1.0 * (0.5 - c), 0.25, 1) ~ 0.74
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, dynamic_threshold=True,
+                     threshold_sensitivity=1.0)
+    recorder = RowRecorder(model)
+    ids, labels = batch(B=8)
+    cggr(ids, labels=labels)
+    m = cggr.get_metrics()
+    expected_ratio = 0.25 + (0.5 - m["avg_confidence"])
+    assert m["row_ratio"] == pytest.approx(expected_ratio, rel=1e-5)
+    assert recorder.calls[0]["input_ids"].shape[0] == math.ceil(expected_ratio * 8)
+
+
+def test_without_labels_returns_plain_output():
+    model = tiny_model("gpt2")
+    cggr = CGGRModel(model, router_layers=2)
+    ids, _ = batch(B=3)
+    with torch.no_grad():
+        torch.testing.assert_close(cggr(ids).logits, model(ids).logits)
+
+
+def test_excess_loss_scoring_uses_reference_nll():
+    model = tiny_model("llama")
+    ids, labels = batch(B=4)
+    reference = torch.zeros(4, 11)
+    reference[1] = -100.0      # row 1 looks hugely "learnable" to the reference
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, scoring="excess_loss")
+    recorder = RowRecorder(model)
+    cggr(ids, labels=labels, reference_nll=reference)
+    torch.testing.assert_close(recorder.calls[0]["input_ids"], ids[1:2])
+    with pytest.raises(ValueError, match="reference_nll is needed by scoring='excess_loss'"):
+        cggr(ids, labels=labels)
+    with pytest.raises(ValueError, match=r"reference_nll: expected shape \(4, 11\)"):
+        cggr(ids, labels=labels, reference_nll=torch.zeros(4, 12))
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+def test_labels_shape_mismatch():
+    cggr = CGGRModel(tiny_model("llama"), router_layers=2)
+    ids, labels = batch()
+    with pytest.raises(ValueError, match=r"labels: expected shape \(8, 12\) to match input_ids, got \(8, 11\)"):
+        cggr(ids, labels=labels[:, 1:])
+    with pytest.raises(ValueError, match=r"attention_mask: expected a 2-D mask of shape \(8, 12\)"):
+        cggr(ids, labels=labels, attention_mask=torch.ones(8, 1, 12, 12))
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, True, "0.5"])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises(ValueError, match=r"min_tokens_ratio must be a number in \(0, 1\]"):
+        CGGRModel(tiny_model("llama"), min_tokens_ratio=ratio, router_layers=2)
+
+
+def test_router_layers_not_smaller_than_depth():
+    with pytest.raises(ValueError, match=r"num_layers must be >= 1 and < the model's depth \(4 blocks"):
+        CGGRModel(tiny_model("gpt2", layers=4), router_layers=4)
+
+
+def test_unsupported_architecture():
+    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
+                                         num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    with pytest.raises(TypeError, match="unsupported architecture OPTForCausalLM"):
+        CGGRModel(opt, router_layers=1)
+
+
+def test_bad_options():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="selection must be one of"):
+        CGGRModel(model, selection="topk", router_layers=2)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        CGGRModel(model, scoring="perplexity", router_layers=2)
+    with pytest.raises(ValueError, match="compile must be False, True or one of"):
+        CGGRModel(model, compile="everything", router_layers=2)
+    with pytest.raises(ValueError, match="router must be built on the same model"):
+        CGGRModel(model, router=create_truncated_router(tiny_model("llama"), 2))
+    with pytest.raises(TypeError, match="router must be a cggr TruncatedRouter"):
+        CGGRModel(model, router=lambda ids: ids)
