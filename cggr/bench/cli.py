@@ -1,0 +1,156 @@
+"""Arguments of ``cggr bench`` and the function that runs it."""
+import argparse
+import os
+import sys
+import time
+
+from . import data as D
+from .configs import REGIMES, default_configs
+from .models import PRESETS
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    g = p.add_argument_group("what to run")
+    g.add_argument("--regime", nargs="+", choices=REGIMES, default=["pretrain"],
+                   help="pretrain: from scratch on every source; finetune: stage 1 on all sources but "
+                        "--finetune-source, then train on it; target: mixed pool, goal --target-source, with a "
+                        "reference model (RHO-LOSS setting)")
+    g.add_argument("--configs", nargs="+", default=None,
+                   help="default: every configuration of the regime (standard random cggr_hardest "
+                        "cggr_stratified cggr_random cggr_loss; target adds oracle excess excess_tokens)")
+    g.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="kept fraction of rows/tokens")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0])
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--time-budget", type=float, default=None,
+                        help="training seconds per configuration (default 20 when no --token-budget); the LR "
+                             "schedule runs on training time")
+    budget.add_argument("--token-budget", type=float, default=None,
+                        help="tokens per configuration (deterministic); the LR schedule runs on tokens")
+    g.add_argument("--eval-every", type=float, default=None,
+                   help="evaluation interval in the budget's unit (seconds or tokens); default budget / 10")
+    g.add_argument("--init-budget", type=float, default=None,
+                   help="finetune stage-1 budget in the budget's unit (default: the per-configuration budget)")
+    g.add_argument("--reference-budget", type=float, default=None,
+                   help="target-regime reference model budget in the budget's unit (default: the budget)")
+    g.add_argument("--out", default="bench_out", help="output folder (runs/, summary.md, results.json, "
+                                                      "curves.csv, val_loss_<regime>.png)")
+    g.add_argument("--report-only", action="store_true", help="rewrite the reports from OUT/runs and exit")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", nargs="+", default=[D.EMBEDDED_DIR],
+                   help="folders / .txt / .txt.gz files (one source per file), or one prepared .npz token file; "
+                        "default: the small embedded corpus")
+    g.add_argument("--tokenizer", default=None,
+                   help="'bytes', a folder with vocab.json + merges.txt (GPT-2 BPE) or tokenizer.json; "
+                        "default: the --model folder if given, else 'bytes'")
+    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cggr", "bench"),
+                   help="where tokenized corpora are cached")
+    g.add_argument("--doc-chars", type=int, default=2000, help="minimum characters per document")
+    g.add_argument("--val-frac", type=float, default=0.05)
+    g.add_argument("--test-frac", type=float, default=0.05)
+    g.add_argument("--prepare-only", action="store_true", help="tokenize, print the token file path, exit")
+    g.add_argument("--finetune-source", default="python_doc")
+    g.add_argument("--target-source", default="python_doc")
+    g.add_argument("--reference-frac", type=float, default=0.5,
+                   help="fraction of the target's training documents held out for the reference model")
+
+    g = p.add_argument_group("model and training")
+    g.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder to start from")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny")
+    g.add_argument("--init-checkpoint", default=None,
+                   help="finetune: stage-1 model folder (OUT/init/... of an earlier run); skips stage 1")
+    g.add_argument("--reference-preset", choices=sorted(PRESETS), default="tiny")
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
+    g.add_argument("--eval-rows", type=int, default=32, help="validation/test rows per source")
+    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--warmup-frac", type=float, default=0.05, help="LR warm-up, fraction of the budget")
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="bf16 = autocast over float32 weights; default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("--router-layers", type=int, default=4,
+                   help="CGGRModel router depth (capped at the model's layers - 1)")
+    g.add_argument("--selection-warmup-steps", type=int, default=0,
+                   help="curriculum from ratio 1 down to the ratio over this many steps, for every selective "
+                        "configuration (0: the ratio from the first step)")
+    g.add_argument("--untimed-warmup-steps", type=int, default=2,
+                   help="steps on a throw-away copy before each timed run")
+
+
+def run(args, parser: argparse.ArgumentParser) -> int:
+    from .report import write_reports
+
+    def log(msg):
+        print(msg, flush=True)
+
+    if args.report_only:
+        for name, path in write_reports(args.out, log).items():
+            log(f"report: {name}: {path}")
+        return 0
+    settings, corpus = settings_from_args(args, parser, log)
+    if settings is None:  # --prepare-only
+        return 0
+    from .runner import Bench
+
+    start = time.time()
+    for regime in args.regime:
+        s = settings(regime)
+        bench = Bench(s, corpus, log)
+        log(f"== {regime}: {len(list(bench.plan()))} runs, {len(bench.train_rows)} training rows of "
+            f"{s.seq_len + 1} tokens, model {bench.model_source.describe()}, settings {bench.hash}")
+        bench.run_all()
+        for name, path in write_reports(args.out, log).items():
+            log(f"report: {name}: {path}")
+    log(f"done in {time.time() - start:.0f} s")
+    return 0
+
+
+def settings_from_args(args, parser, log):
+    import torch
+
+    from .runner import Settings
+    from .tokenizer import load_tokenizer
+
+    tokenizer_spec = args.tokenizer or (args.model if args.model else "bytes")
+    if len(args.corpus) == 1 and args.corpus[0].endswith(".npz"):
+        if args.tokenizer:
+            parser.error("--tokenizer does not apply to a prepared .npz token file (it records its tokenizer)")
+        corpus = D.load_token_file(args.corpus[0])
+    else:
+        tokenizer = load_tokenizer(tokenizer_spec)
+        corpus = D.prepare_corpus(args.corpus, tokenizer, args.cache_dir, args.doc_chars, args.val_frac,
+                                  args.test_frac, log=log)
+    if args.prepare_only:
+        print(corpus.path)
+        return None, corpus
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    kind = "tokens" if args.token_budget is not None else "time"
+    amount = args.token_budget if args.token_budget is not None else (args.time_budget or 20.0)
+    for name, value in (("--eval-every", args.eval_every), ("--init-budget", args.init_budget),
+                        ("--reference-budget", args.reference_budget)):
+        if value is not None and value <= 0:
+            parser.error(f"{name} must be > 0")
+    if not all(0 < r <= 1 for r in args.ratios):
+        parser.error("--ratios must be in (0, 1]")
+
+    def settings(regime):
+        return Settings(
+            regime=regime, configs=args.configs or default_configs(regime), ratios=args.ratios, seeds=args.seeds,
+            budget_kind=kind, budget=amount, eval_every=args.eval_every or amount / 10,
+            init_budget=args.init_budget, reference_budget=args.reference_budget,
+            model_preset=args.model_preset, model_path=args.model, init_checkpoint=args.init_checkpoint,
+            seq_len=args.seq_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or args.batch_size,
+            eval_rows=args.eval_rows, lr=args.lr, warmup_frac=args.warmup_frac, device=device, dtype=dtype,
+            router_layers=args.router_layers, selection_warmup_steps=args.selection_warmup_steps,
+            finetune_source=args.finetune_source, target_source=args.target_source,
+            reference_preset=args.reference_preset, reference_frac=args.reference_frac,
+            untimed_warmup_steps=args.untimed_warmup_steps, out=args.out)
+    return settings, corpus
+
+
+def main(argv=None) -> int:
+    from cggr.cli import main as cggr_main
+
+    return cggr_main(["bench"] + list(sys.argv[1:] if argv is None else argv))

@@ -1,0 +1,238 @@
+"""Configurations: one builder per configuration, each returning the object that computes a step's loss.
+
+A builder is ``build(model, ratio, ctx) -> Step``; the training loop (``cggr.bench.train``) only calls
+``step.loss(batch)``, then backward and the optimizer, then ``step.after_step()``; ``step.module``
+holds the parameters to optimise and ``step.metrics()`` the selection numbers recorded at evaluations.
+Each builder is the only place that knows its library API, so an API change is a one-line fix here.
+
+Every configuration sees the same rows: a batch of ``B`` rows of ``seq_len + 1`` tokens, with
+Hugging Face labels (``labels = input_ids``; the model shifts them), so every row has ``seq_len``
+targets. Ratio-based configurations keep ``k = ceil(r * B)`` rows (or the top r of the tokens); ``r``
+follows the same curriculum (``cggr.schedule.RatioSchedule``, linear from 1 to the ratio over
+``--selection-warmup-steps``, then constant) for every configuration.
+"""
+import dataclasses
+import math
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+REGIMES = ("pretrain", "finetune", "target")
+
+
+@dataclasses.dataclass
+class Batch:
+    rows: torch.Tensor        # [B, seq_len + 1] int64 on the training device
+    index: torch.Tensor       # [B] int64 indices of the rows in the training RowSet (device)
+    source_ids: np.ndarray    # [B] int64 source index of every row (host: the oracle decides on the host)
+
+
+@dataclasses.dataclass
+class StepContext:
+    seed: int
+    selection_warmup_steps: int = 0
+    router_layers: int = 4
+    target_source_id: Optional[int] = None            # regime "target": the goal domain
+    reference_token_nll: Optional[torch.Tensor] = None  # [n_train_rows, seq_len] reference NLL (regime "target")
+
+
+def rows_for_ratio(ratio: float, batch_size: int) -> int:
+    """ceil(ratio * B), at least 1, at most B (the slack absorbs float error, as in cggr.model)."""
+    return min(batch_size, max(1, math.ceil(ratio * batch_size - 1e-9)))
+
+
+def causal_lm_loss(model, rows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over the rows, the model's own ``labels=`` path (float32 loss)."""
+    return model(input_ids=rows, labels=rows).loss
+
+
+class Step:
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self):
+        pass
+
+    def metrics(self) -> dict:
+        return {}
+
+
+class FullBatch(Step):
+    def loss(self, batch):
+        return causal_lm_loss(self.module, batch.rows)
+
+
+class RowSubset(Step):
+    """Train on ``k`` rows of the batch chosen on the host by ``choose(batch, k, rng) -> row positions``."""
+
+    def __init__(self, model, ratio: float, ctx: StepContext, choose: Callable):
+        super().__init__(model)
+        from cggr.schedule import RatioSchedule
+
+        self.schedule = RatioSchedule(ratio, ctx.selection_warmup_steps, "linear", dynamic_threshold=False)
+        self.choose = choose
+        self.ctx = ctx
+        self.rng = np.random.default_rng([ctx.seed, 0xC0FFEE])  # independent of the data-order stream
+        self.steps = 0
+        self.last_k = None
+
+    def loss(self, batch):
+        k = rows_for_ratio(self.schedule.curriculum_ratio(self.steps), len(batch.source_ids))
+        picked = np.sort(np.asarray(self.choose(batch, k, self.rng, self.ctx), dtype=np.int64))
+        self.last_k = k
+        rows = batch.rows.index_select(0, torch.from_numpy(picked).to(batch.rows.device))
+        return causal_lm_loss(self.module, rows)
+
+    def after_step(self):
+        self.steps += 1
+
+    def metrics(self):
+        return {"rows_selected": self.last_k, "curriculum_ratio": self.schedule.curriculum_ratio(self.steps)}
+
+
+def _choose_random(batch, k, rng, ctx):
+    return rng.permutation(len(batch.source_ids))[:k]
+
+
+def _choose_oracle(batch, k, rng, ctx):
+    """Target-domain rows first (in batch order, itself random), then random rows of the other domains."""
+    is_target = batch.source_ids == ctx.target_source_id
+    others = np.flatnonzero(~is_target)
+    return np.concatenate([np.flatnonzero(is_target), rng.permutation(others)])[:k]
+
+
+class CGGRModelStep(Step):
+    def __init__(self, cggr_model, reference: Optional[torch.Tensor] = None):
+        super().__init__(cggr_model)  # its parameters are exactly the wrapped model's (the router owns none)
+        self.reference = reference
+
+    def loss(self, batch):
+        kwargs = {}
+        if self.reference is not None:
+            kwargs["reference_nll"] = self.reference.index_select(0, batch.index).float()
+        return self.module(batch.rows, labels=batch.rows, attention_mask=None, **kwargs)
+
+    def after_step(self):
+        self.module.step()
+
+    def metrics(self):
+        return self.module.get_metrics()
+
+
+class CGGRLossStep(Step):
+    """Full forward of the decoder; the LM head and loss go through ``CGGRLoss.forward_linear`` (token level)."""
+
+    def __init__(self, model, criterion, reference: Optional[torch.Tensor] = None):
+        super().__init__(model)
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"cggr_loss needs an nn.Linear LM head, got {type(head).__name__}")
+        self.criterion, self.head, self.reference = criterion, head, reference
+
+    def loss(self, batch):
+        hidden = self.module.get_decoder()(input_ids=batch.rows).last_hidden_state
+        kwargs = {}
+        if self.reference is not None:
+            kwargs["reference_nll"] = self.reference.index_select(0, batch.index).float()
+        return self.criterion.forward_linear(hidden[:, :-1], self.head.weight, batch.rows[:, 1:],
+                                             bias=self.head.bias, **kwargs)
+
+    def after_step(self):
+        self.criterion.step()
+
+    def metrics(self):
+        return self.criterion.get_metrics()
+
+
+# -- builders: one per configuration ------------------------------------------------------------
+def build_standard(model, ratio, ctx):
+    return FullBatch(model)
+
+
+def build_random(model, ratio, ctx):
+    return RowSubset(model, ratio, ctx, _choose_random)
+
+
+def build_oracle(model, ratio, ctx):
+    if ctx.target_source_id is None:
+        raise ValueError("oracle needs a target domain (regime 'target')")
+    return RowSubset(model, ratio, ctx, _choose_oracle)
+
+
+def cggr_model_builder(policy: str, scoring: Optional[str] = None):
+    def build(model, ratio, ctx):
+        from cggr.model import CGGRModel
+
+        kwargs = {} if scoring is None else {"scoring": scoring}
+        m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection=policy,
+                      router_layers=ctx.router_layers, seed=ctx.seed, **kwargs)
+        return CGGRModelStep(m, ctx.reference_token_nll if scoring == "excess_loss" else None)
+    return build
+
+
+def cggr_loss_builder(scoring: Optional[str] = None):
+    def build(model, ratio, ctx):
+        from cggr.loss import CGGRLoss
+
+        kwargs = {} if scoring is None else {"scoring": scoring}
+        # Fixed ratio (no dynamic threshold) so that it is comparable with the row configurations; targets
+        # are in range by construction (the vocabulary is checked once), so no per-step validation sync.
+        criterion = CGGRLoss(selection="topk", min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
+                             dynamic_threshold=False, seed=ctx.seed, validate_targets=False, **kwargs)
+        return CGGRLossStep(model, criterion, ctx.reference_token_nll if scoring == "excess_loss" else None)
+    return build
+
+
+def _require_reference(builder):
+    def build(model, ratio, ctx):
+        if ctx.reference_token_nll is None:
+            raise ValueError("this configuration needs the reference model's NLL (regime 'target')")
+        return builder(model, ratio, ctx)
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    build: Callable
+    uses_ratio: bool
+    regimes: tuple
+    doc: str
+
+
+_ALL = REGIMES
+CONFIGS: Dict[str, Config] = {
+    "standard": Config(build_standard, False, _ALL, "every row, full loss"),
+    "random": Config(build_random, True, _ALL, "random rows at the ratio"),
+    "cggr_hardest": Config(cggr_model_builder("hardest"), True, _ALL, "CGGRModel, hardest rows by the router"),
+    "cggr_stratified": Config(cggr_model_builder("stratified"), True, _ALL, "CGGRModel, stratified rows"),
+    "cggr_random": Config(cggr_model_builder("random"), True, _ALL, "CGGRModel, random rows (no router)"),
+    "cggr_loss": Config(cggr_loss_builder(), True, _ALL, "CGGRLoss token level through forward_linear"),
+    "oracle": Config(build_oracle, True, ("target",), "target-domain rows first, random filler"),
+    "excess": Config(_require_reference(cggr_model_builder("hardest", "excess_loss")), True, ("target",),
+                     "CGGRModel rows with the highest router NLL minus reference NLL (RHO-LOSS)"),
+    "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),
+                            "CGGRLoss tokens with the highest NLL minus reference NLL (Rho-1)"),
+}
+
+
+def get_config(name: str) -> Config:
+    """A configuration by name; ``cggr_<policy>`` also accepts any policy registered in cggr.model."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    if name.startswith("cggr_"):
+        from cggr.model import ROW_POLICIES
+
+        policy = name[len("cggr_"):]
+        if policy in ROW_POLICIES:
+            return Config(cggr_model_builder(policy), True, _ALL, f"CGGRModel, policy {policy}")
+    raise ValueError(f"unknown configuration {name!r}; known: {sorted(CONFIGS)} and cggr_<policy> for the "
+                     "policies registered in cggr.model.ROW_POLICIES")
+
+
+def default_configs(regime: str):
+    return [name for name, c in CONFIGS.items() if regime in c.regimes]

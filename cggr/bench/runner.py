@@ -1,0 +1,289 @@
+"""The three regimes: which rows train, which rows evaluate, and what is prepared once per seed.
+
+- ``pretrain``: from the initial model (a preset from scratch, or ``--model``) on the train split of
+  every source; the headline metric is the mean validation loss over sources (each source weighs the same).
+- ``finetune``: stage 1 trains the initial model with the ``standard`` recipe on every source but
+  ``--finetune-source`` (its own budget, ``--init-*-budget``), saved under ``OUT/init/``; or
+  ``--init-checkpoint`` names such a folder from an earlier run. Every configuration then starts from
+  that checkpoint and trains on the held-out source's train split for as many passes as its budget
+  allows; the headline metric is the held-out source's validation loss (the others show forgetting).
+- ``target``: the goal is one domain (``--target-source``). A fixed ``--reference-frac`` of that
+  domain's training documents is held out as a clean slice; a small reference model
+  (``--reference-preset``) is trained on it with the standard recipe, and its per-token NLL over the
+  whole training pool (every other source plus the rest of the target domain) is computed once (the
+  RHO-LOSS / Rho-1 setting; rows get the mean). Configurations train on the pool; the headline metric
+  is the target domain's validation loss.
+
+Every run writes ``OUT/runs/<regime>__<config>__r<ratio>__s<seed>.json`` as soon as it ends; a later
+invocation with the same ``--out`` and the same settings reuses finished runs (and the stage-1
+checkpoint / reference NLL), so a long benchmark can be split over several commands. Settings that
+differ from the runs already in ``OUT`` are an error, never silently mixed.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import data as D
+from .configs import REGIMES, StepContext, get_config
+from .models import ModelSource, build_preset, check_vocab, load_checkpoint
+from .train import Budget, Evaluator, OptimConfig, token_nll, train
+
+
+@dataclasses.dataclass
+class Settings:
+    regime: str = "pretrain"
+    configs: List[str] = dataclasses.field(default_factory=list)
+    ratios: List[float] = dataclasses.field(default_factory=lambda: [0.25, 0.5])
+    seeds: List[int] = dataclasses.field(default_factory=lambda: [0])
+    budget_kind: str = "time"
+    budget: float = 20.0
+    eval_every: float = 2.0
+    init_budget: Optional[float] = None        # finetune stage 1 (default: the per-configuration budget)
+    reference_budget: Optional[float] = None   # target regime reference model (default: the budget)
+    model_preset: str = "tiny"
+    model_path: Optional[str] = None
+    init_checkpoint: Optional[str] = None
+    seq_len: int = 128
+    batch_size: int = 16
+    eval_batch_size: int = 16
+    eval_rows: int = 32
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    device: str = "cpu"
+    dtype: str = "fp32"
+    router_layers: int = 4
+    selection_warmup_steps: int = 0
+    finetune_source: str = "python_doc"
+    target_source: str = "python_doc"
+    reference_preset: str = "tiny"
+    reference_frac: float = 0.5
+    untimed_warmup_steps: int = 2
+    out: str = "bench_out"
+
+    def key_fields(self, corpus_path: str) -> dict:
+        """What makes two runs of one configuration comparable (not the lists of configs, ratios, seeds)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("configs", "ratios", "seeds", "out")}
+        if self.regime != "finetune":
+            for k in ("init_budget", "init_checkpoint", "finetune_source"):
+                fields.pop(k)
+        if self.regime != "target":
+            for k in ("reference_budget", "reference_preset", "reference_frac", "target_source"):
+                fields.pop(k)
+        fields["corpus"] = os.path.basename(corpus_path)  # the token file name carries the content hash
+        return fields
+
+
+def settings_hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext
+    if dtype == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+
+
+def run_name(regime, config, ratio, seed) -> str:
+    return f"{regime}__{config}__r{'full' if ratio is None else f'{ratio:g}'}__s{seed}"
+
+
+class Bench:
+    def __init__(self, settings: Settings, corpus: D.Corpus, log=print):
+        s = self.s = settings
+        if s.regime not in REGIMES:
+            raise ValueError(f"regime must be one of {REGIMES}, got {s.regime!r}")
+        self.corpus, self.log = corpus, log
+        self.device = torch.device(s.device)
+        self.autocast = autocast_for(self.device, s.dtype)
+        self.fields = s.key_fields(corpus.path)
+        self.hash = settings_hash(self.fields)
+        self.row_len = s.seq_len + 1
+        self.optim = OptimConfig(lr=s.lr, warmup_frac=s.warmup_frac)
+        self.budget = Budget(s.budget_kind, s.budget, s.eval_every)
+        self.model_source = ModelSource(s.model_preset, s.model_path, corpus.vocab_size, self.row_len, corpus.eot_id)
+        self.configs = {name: get_config(name) for name in s.configs}
+        for name, c in self.configs.items():
+            if s.regime not in c.regimes:
+                raise ValueError(f"configuration {name!r} is not defined for regime {s.regime!r} "
+                                 f"(only {c.regimes})")
+        for name in (s.finetune_source if s.regime == "finetune" else None,
+                     s.target_source if s.regime == "target" else None):
+            if name is not None and name not in corpus.sources:
+                raise ValueError(f"source {name!r} is not in the corpus ({corpus.sources})")
+        self.val = Evaluator(D.eval_rows(corpus, "val", self.row_len, s.eval_rows), s.eval_batch_size,
+                             self.device, self.autocast)
+        self.primary = {"pretrain": None, "finetune": s.finetune_source, "target": s.target_source}[s.regime]
+        self.train_rows = self._train_rows()
+        self.runs_dir = os.path.join(s.out, "runs")
+        os.makedirs(self.runs_dir, exist_ok=True)
+        self._check_out_dir()
+
+    # -- data of the regime ---------------------------------------------------------------------
+    def _train_rows(self) -> D.RowSet:
+        s, c = self.s, self.corpus
+        if s.regime == "pretrain":
+            return D.build_rows(c, "train", c.sources, self.row_len)
+        if s.regime == "finetune":
+            return D.build_rows(c, "train", [s.finetune_source], self.row_len)
+        _, pool_part = D.split_documents_of_stream(c, s.target_source, "train", s.reference_frac)
+        others = [n for n in c.sources if n != s.target_source]
+        return D.concat_rows([D.build_rows(c, "train", others, self.row_len),
+                              D.rows_from_tokens(pool_part, c.sources.index(s.target_source), c.sources,
+                                                 self.row_len)])
+
+    def _check_out_dir(self):
+        for name in sorted(os.listdir(self.runs_dir)):
+            if not name.startswith(self.s.regime + "__") or not name.endswith(".json"):
+                continue
+            with open(os.path.join(self.runs_dir, name)) as f:
+                other = json.load(f)["settings_hash"]
+            if other != self.hash:
+                raise ValueError(f"{self.runs_dir}/{name} was run with other settings (hash {other}, now "
+                                 f"{self.hash}); use another --out, or the same settings to add runs")
+
+    # -- per-seed preparations --------------------------------------------------------------------
+    def _sub_budget(self, amount: Optional[float]) -> Budget:
+        amount = self.s.budget if amount is None else amount
+        return Budget(self.s.budget_kind, amount, amount / 4)
+
+    def _finetune_init(self, seed: int) -> str:
+        """Path of the stage-1 checkpoint for this seed: given, saved by an earlier run, or trained now."""
+        if self.s.init_checkpoint:
+            return self.s.init_checkpoint
+        path = os.path.join(self.s.out, "init", f"{self.hash}-s{seed}")
+        if os.path.exists(os.path.join(path, "config.json")):
+            self.log(f"finetune: stage 1 checkpoint {path} (reused)")
+            return path
+        c = self.corpus
+        others = [n for n in c.sources if n != self.s.finetune_source]
+        rows = D.build_rows(c, "train", others, self.row_len)
+        model = self.model_source.make(seed, self.device)
+        check_vocab(model, c.vocab_size)
+        self.log(f"finetune: stage 1, standard recipe on {others}, {self.s.budget_kind} budget "
+                 f"{self._sub_budget(self.s.init_budget).amount:g}")
+        result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
+                       self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
+                       self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log)
+        tmp = path + ".tmp"
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "bench_stage1.json"), "w") as f:
+            json.dump({"seed": seed, "sources": others, "steps": result.steps, "tokens": result.tokens,
+                       "train_time": result.train_time, "val": result.final_val}, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    def _reference(self, seed: int) -> Dict:
+        """Reference model on the clean target slice; its per-token NLL over the pool, computed once."""
+        path = os.path.join(self.s.out, "reference", f"{self.hash}-s{seed}.npy")
+        info_path = path[:-4] + ".json"
+        if os.path.exists(path):
+            self.log(f"target: reference NLL {path} (reused)")
+            with open(info_path) as f:
+                info = json.load(f)
+            nll = np.load(path)
+        else:
+            c, s = self.corpus, self.s
+            ref_tokens, _ = D.split_documents_of_stream(c, s.target_source, "train", s.reference_frac)
+            rows = D.rows_from_tokens(ref_tokens, c.sources.index(s.target_source), c.sources, self.row_len)
+            model = build_preset(s.reference_preset, c.vocab_size, self.row_len, seed, c.eot_id).to(self.device)
+            self.log(f"target: reference model ({s.reference_preset}) on {len(rows)} clean rows of {s.target_source}")
+            result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
+                           self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
+                           self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log)
+            nll = self._pool_nll(model)
+            info = {"preset": s.reference_preset, "rows": len(rows), "steps": result.steps, "tokens": result.tokens,
+                    "val": result.final_val, "pool_mean_nll": float(nll.mean())}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path[:-4] + ".tmp.npy", nll)
+            os.replace(path[:-4] + ".tmp.npy", path)
+            with open(info_path, "w") as f:
+                json.dump(info, f, indent=1)
+        if nll.shape != (len(self.train_rows), self.s.seq_len):
+            raise ValueError(f"{path}: reference NLL of shape {nll.shape}, expected "
+                             f"{(len(self.train_rows), self.s.seq_len)}")
+        info["nll"] = torch.from_numpy(nll).to(self.device)
+        return info
+
+    @torch.no_grad()
+    def _pool_nll(self, model) -> np.ndarray:
+        model.eval()
+        out = np.empty((len(self.train_rows), self.s.seq_len), dtype=np.float32)
+        for i in range(0, len(self.train_rows), self.s.eval_batch_size):
+            rows = torch.from_numpy(self.train_rows.rows[i:i + self.s.eval_batch_size]).to(self.device)
+            out[i:i + len(rows)] = token_nll(model, rows, self.autocast).cpu().numpy()
+        return out
+
+    # -- the runs ---------------------------------------------------------------------------------
+    def plan(self):
+        for seed in self.s.seeds:
+            for name, c in self.configs.items():
+                for ratio in (self.s.ratios if c.uses_ratio else [None]):
+                    yield seed, name, ratio
+
+    def run_all(self) -> List[str]:
+        written = []
+        prepared: Dict[int, dict] = {}
+        for seed, name, ratio in self.plan():
+            path = os.path.join(self.runs_dir, run_name(self.s.regime, name, ratio, seed) + ".json")
+            if os.path.exists(path):
+                self.log(f"{os.path.basename(path)}: done earlier, reused")
+                written.append(path)
+                continue
+            if seed not in prepared:
+                prepared[seed] = self._prepare(seed)
+            record = self._run_one(seed, name, ratio, prepared[seed])
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(path + ".tmp", path)
+            written.append(path)
+        return written
+
+    def _prepare(self, seed: int) -> dict:
+        if self.s.regime == "finetune":
+            return {"init": self._finetune_init(seed)}
+        if self.s.regime == "target":
+            return {"reference": self._reference(seed)}
+        return {}
+
+    def _run_one(self, seed, name, ratio, prep) -> dict:
+        s = self.s
+        if "init" in prep:
+            model = load_checkpoint(prep["init"]).to(self.device).train()
+        else:
+            model = self.model_source.make(seed, self.device)
+        check_vocab(model, self.corpus.vocab_size)
+        ctx = StepContext(seed=seed, selection_warmup_steps=s.selection_warmup_steps,
+                          router_layers=min(s.router_layers, model.config.num_hidden_layers - 1))
+        if self.s.regime == "target":
+            ctx.target_source_id = self.corpus.sources.index(s.target_source)
+            ctx.reference_token_nll = prep["reference"]["nll"]
+        label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
+        result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
+                       self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
+                       label=label, log=self.log)
+        test = Evaluator(D.eval_rows(self.corpus, "test", self.row_len, s.eval_rows), s.eval_batch_size,
+                         self.device, self.autocast)(model)
+        record = {
+            "regime": s.regime, "config": name, "ratio": ratio, "seed": seed, "primary": self.primary,
+            "settings_hash": self.hash, "settings": self.fields, "router_layers": ctx.router_layers,
+            "steps": result.steps, "train_time": result.train_time, "tokens": result.tokens,
+            "tokens_per_s": result.tokens / result.train_time if result.train_time > 0 else None,
+            "step_time_ms": 1e3 * result.train_time / result.steps if result.steps else None,
+            "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
+            "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+        }
+        if "init" in prep:
+            record["init_checkpoint"] = prep["init"]
+        if "reference" in prep:
+            record["reference"] = {k: v for k, v in prep["reference"].items() if k != "nll"}
+        return record

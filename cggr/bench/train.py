@@ -1,0 +1,211 @@
+"""The training loop every configuration shares: same optimizer, learning-rate schedule, data order and clock.
+
+- Optimizer: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only, ``fused=True`` on CUDA), gradient
+  norm clipped to 1.0.
+- Learning rate: linear warm-up over the first ``warmup_frac`` of the budget, then cosine down to
+  ``min_lr_frac * lr`` at the end of the budget. Progress is measured in the budget's unit: training
+  seconds for ``--time-budget`` (so a slower configuration decays its LR over fewer steps), tokens for
+  ``--token-budget`` (deterministic).
+- Clock: only training steps count. Each step is bracketed by device synchronisations, so the measured
+  time is the step's real GPU time; evaluation, logging and checkpointing run outside the clock.
+  ``untimed_warmup_steps`` steps on a throw-away copy of the model come first so that one-time costs
+  (CUDA context, cuBLAS handles, autotuning, allocator growth) are not charged to whichever
+  configuration happens to run first.
+- Tokens: ``tokens`` counts every token drawn from the data (B * seq_len targets per step), whether or
+  not a configuration trains on all of them; it is the data-consumption axis of the plots.
+"""
+import copy
+import dataclasses
+import math
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .configs import Batch, Step, StepContext
+from .data import RowSet, batch_order
+from .progress import Progress
+
+
+@dataclasses.dataclass
+class Budget:
+    kind: str      # "time" (seconds of training) or "tokens"
+    amount: float
+    eval_every: float  # in the same unit
+
+    def __post_init__(self):
+        if self.kind not in ("time", "tokens") or not self.amount > 0 or not self.eval_every > 0:
+            raise ValueError(f"bad budget {self}")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+def lr_at(progress: float, cfg: OptimConfig) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.warmup_frac > 0 and progress < cfg.warmup_frac:
+        return cfg.lr * (progress + 1e-3) / cfg.warmup_frac  # never exactly 0 at step 0
+    decay = (progress - cfg.warmup_frac) / max(1e-12, 1.0 - cfg.warmup_frac)
+    low = cfg.min_lr_frac * cfg.lr
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * decay))
+
+
+def make_optimizer(module: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Evaluator:
+    """Mean next-token NLL per source over fixed rows (the same rows for every run)."""
+
+    def __init__(self, sets: Dict[str, np.ndarray], batch_size: int, device, autocast):
+        self.sets = {name: torch.from_numpy(rows) for name, rows in sets.items()}
+        self.batch_size, self.device, self.autocast = batch_size, device, autocast
+
+    @torch.no_grad()
+    def __call__(self, model) -> Dict[str, float]:
+        was_training = model.training
+        model.eval()
+        out = {}
+        for name, rows in self.sets.items():
+            total, count = 0.0, 0
+            for i in range(0, len(rows), self.batch_size):
+                batch = rows[i:i + self.batch_size].to(self.device)
+                nll = token_nll(model, batch, self.autocast)
+                total += float(nll.sum())
+                count += nll.numel()
+            out[name] = total / count
+        model.train(was_training)
+        return out
+
+
+def token_nll(model, rows: torch.Tensor, autocast) -> torch.Tensor:
+    """[B, seq_len] float32 NLL of every target (no grad by the caller)."""
+    with autocast():
+        logits = model(input_ids=rows).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+
+
+@dataclasses.dataclass
+class RunResult:
+    curve: List[dict]
+    steps: int
+    train_time: float
+    tokens: int
+    diverged: bool
+    final_val: Dict[str, float]
+
+
+def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
+          evaluator: Evaluator, budget: Budget, optim: OptimConfig, batch_size: int, device, autocast,
+          untimed_warmup_steps: int = 2, label: str = "", log=print) -> RunResult:
+    """Train ``model`` in place with the configuration ``build`` until the budget is spent."""
+    device = torch.device(device)
+    if untimed_warmup_steps > 0:
+        _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps)
+    torch.manual_seed(ctx.seed)  # any torch-side randomness of a configuration starts from the run seed
+    step_obj = build(model, ratio, ctx)
+    optimizer = make_optimizer(step_obj.module, optim, device)
+    order = batch_order(len(train_rows), batch_size, ctx.seed)
+    tokens_per_step = batch_size * (train_rows.rows.shape[1] - 1)
+
+    curve: List[dict] = []
+    train_time, tokens, steps = 0.0, 0, 0
+    loss_sum = torch.zeros((), device=device)
+    loss_steps = 0
+    next_eval = 0.0
+    diverged = False
+    progress = Progress(label, budget.amount, "s" if budget.kind == "time" else "tok")
+
+    def used():
+        return train_time if budget.kind == "time" else float(tokens)
+
+    def evaluate():
+        nonlocal loss_sum, loss_steps
+        train_loss = float(loss_sum) / loss_steps if loss_steps else float("nan")
+        val = evaluator(model)
+        point = {"step": steps, "time": train_time, "tokens": tokens, "lr": lr, "train_loss": train_loss,
+                 "val": val, "val_mean": float(np.mean(list(val.values())))}
+        if steps:
+            point["selection"] = step_obj.metrics()
+        curve.append(point)
+        loss_sum, loss_steps = torch.zeros((), device=device), 0
+        progress.note(f"val {point['val_mean']:.3f}")
+        return train_loss
+
+    lr = lr_at(0.0, optim)
+    while True:
+        if used() >= next_eval:
+            train_loss = evaluate()
+            if steps and not math.isfinite(train_loss):
+                diverged = True
+                log(f"{label}: training loss is {train_loss} at step {steps}: stopping this run (diverged)")
+                break
+            next_eval = (math.floor(used() / budget.eval_every) + 1) * budget.eval_every
+        if used() >= budget.amount:
+            break
+        lr = lr_at(used() / budget.amount, optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = next(order)
+        _sync(device)
+        start = time.perf_counter()
+        batch = _batch(train_rows, idx, device)
+        with autocast():
+            loss = step_obj.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_obj.after_step()
+        loss_sum += loss.detach().float()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        train_time += elapsed
+        tokens += tokens_per_step
+        steps += 1
+        loss_steps += 1
+        progress.advance(elapsed if budget.kind == "time" else tokens_per_step)
+    if curve[-1]["step"] != steps:
+        evaluate()
+    progress.close()
+    return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"])
+
+
+def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
+    index = torch.from_numpy(idx)
+    return Batch(torch.from_numpy(rows.rows[idx]).to(device, non_blocking=True), index.to(device),
+                 rows.source_ids[idx])
+
+
+def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, n):
+    """A few steps on a deep copy (its own optimizer), discarded: nothing of it reaches the timed run."""
+    clone = copy.deepcopy(model)
+    step_obj = build(clone, ratio, ctx)
+    optimizer = make_optimizer(step_obj.module, optim, device)
+    order = batch_order(len(train_rows), batch_size, ctx.seed + 1_000_003)
+    for _ in range(n):
+        with autocast():
+            loss = step_obj.loss(_batch(train_rows, next(order), device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_obj.after_step()
+    _sync(device)
+    del clone, step_obj, optimizer
