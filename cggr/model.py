@@ -364,6 +364,11 @@ class CGGRModel(nn.Module):
                 hidden = self._trunk_fn(input_ids, attention_mask, kwargs.get("position_ids"),
                                         kwargs.get("token_type_ids"))
             weight, bias = router.head_params()
+            if weight.dtype != hidden.dtype:
+                # Under autocast the trunk ends in the autocast dtype while the head weight stays fp32; the
+                # model's own LM head would run in the autocast dtype too, so the scoring matmul does.
+                weight = weight.to(hidden.dtype)
+                bias = bias.to(hidden.dtype) if bias is not None else None
             # HF shift: position t predicts labels[t + 1]; the last position gets ignore_index.
             targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
             valid = targets != IGNORE_INDEX
@@ -374,7 +379,9 @@ class CGGRModel(nn.Module):
             targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
             stats = token_stats_from_hidden(hidden.reshape(B * T, hidden.shape[-1]), weight,
                                             targets.reshape(B * T), bias=bias, ignore_index=IGNORE_INDEX,
-                                            chunk_size=self.router_chunk_size)
+                                            chunk_size=self.router_chunk_size,
+                                            # targets are sanitised above; validation would sync
+                                            validate_targets=False)
             stats = type(stats)(*(s.view(B, T) for s in stats))
             ref = None
             if reference_nll is not None:

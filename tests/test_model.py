@@ -391,3 +391,19 @@ def test_bad_options():
         CGGRModel(model, router=create_truncated_router(tiny_model("llama"), 2))
     with pytest.raises(TypeError, match="router must be a cggr TruncatedRouter"):
         CGGRModel(model, router=lambda ids: ids)
+
+
+def test_bf16_model_and_autocast():
+    ids, labels = batch(B=8)
+    model = tiny_model("llama").to(torch.bfloat16)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    loss = cggr(ids, labels=labels)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    fp32 = tiny_model("gpt2")
+    cggr = CGGRModel(fp32, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    recorder = RowRecorder(fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cggr(ids, labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss) and recorder.calls[0]["input_ids"].shape == (2, 12)
