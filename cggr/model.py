@@ -28,6 +28,8 @@ Documented policies
   that returns row weights (importance sampling) gets ``sum_i w_row(i) * nll_i / n_valid`` computed here
   in float32 from the logits, which equals the model's loss when every weight is 1. With ratio 1.0 no
   router runs and the whole batch goes through unchanged: loss and gradients equal the plain model's.
+  ``loss_impl='fused'`` computes the same mean (float rounding aside) through ``cggr.linear`` without
+  [k, T, V] logits, and with ``token_ratio < 1`` over the hardest tokens of the selected rows only.
 - state_dict: exactly the plain model's keys plus ``cggr_step`` (0-dim int64, the curriculum step), also
   when nested in a parent module (keys under the parent's prefix); ``load_state_dict`` resumes the step.
   The router registers nothing (it shares the model's tensors). A plain model's state_dict loads with
@@ -46,14 +48,16 @@ from typing import Callable, Mapping, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from .linear import token_stats_from_hidden
-from .router import TruncatedRouter, create_truncated_router
+from . import ops
+from .linear import fused_linear_selective_ce, token_stats_from_hidden
+from .router import SUPPORTED_ARCHITECTURES, TruncatedRouter, create_truncated_router
 from .schedule import SCHEDULES, RatioSchedule, batch_confidence, check_ratio
 from .scoring import check_combined_weights, check_strategy, score
 
 IGNORE_INDEX = -100  # Hugging Face causal LMs hard-code it in their loss
 STEP_KEY = "cggr_step"
 COMPILE_SCOPES = ("router", "model", "all")
+LOSS_IMPLS = ("model", "fused")
 
 
 class RowSelection(NamedTuple):
@@ -146,6 +150,12 @@ class CGGRModel(nn.Module):
         compile: False, True (= 'all'), 'router' (the router trunk), 'model' (the full model forward) or
             'all'; ``compile_options`` go to ``torch.compile``. The row count is fixed per ratio, so the
             shapes are static once the curriculum reaches its floor.
+        loss_impl: 'model' (default: the model's own ``labels=`` loss, exactly HF's) or 'fused' (base model +
+            ``cggr.linear.fused_linear_selective_ce``: the LM head and CE without [k, T, V] logits; the
+            router families only).
+        token_ratio: with loss_impl='fused', train only the hardest ``ceil(token_ratio * n)`` valid tokens of
+            the selected rows (``scoring`` on the full model's statistics, ``cggr.ops.select_topk``).
+        loss_chunk_size: ``chunk_size`` of the fused path (None: cggr.linear's default).
         collect_timing: measure ``router_time_share`` (router + selection time over the time from the
             start of ``forward`` to ``step()``); costs one synchronisation in ``step()``.
     """
@@ -156,7 +166,8 @@ class CGGRModel(nn.Module):
                  schedule: str = "linear", combined_weights: Optional[Mapping[str, float]] = None,
                  router_chunk_size: Optional[int] = None, seed: int = 0,
                  compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
-                 collect_timing: bool = False):
+                 collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
+                 loss_chunk_size: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -167,6 +178,17 @@ class CGGRModel(nn.Module):
         self.combined_weights = check_combined_weights(combined_weights)
         if selection not in ROW_POLICIES:
             raise ValueError(f"selection must be one of {tuple(ROW_POLICIES)}, got {selection!r}")
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        if loss_impl == "fused" and type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+            # The fused path applies get_output_embeddings() to base_model's output itself: only for the
+            # families whose forward does exactly that (no logit scaling or soft-capping in between).
+            raise TypeError(f"loss_impl='fused': unsupported architecture {type(model).__name__}; looked for "
+                            f"one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+        check_ratio("token_ratio", token_ratio)
+        if token_ratio < 1.0 and loss_impl != "fused":
+            raise ValueError("token_ratio < 1 trains only the hardest tokens of the selected rows through "
+                             "cggr.linear: it needs loss_impl='fused'")
         if compile is True:
             compile = "all"
         if compile is not False and compile not in COMPILE_SCOPES:
@@ -180,6 +202,9 @@ class CGGRModel(nn.Module):
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)
         self.compile_scope = compile
+        self.loss_impl = loss_impl
+        self.token_ratio = float(token_ratio)
+        self.loss_chunk_size = loss_chunk_size
 
         if router is None and self.policy.needs_scores:
             router = create_truncated_router(model, num_layers=router_layers)
@@ -196,11 +221,12 @@ class CGGRModel(nn.Module):
 
         options = dict(compile_options or {})
         trunk = router.trunk if router is not None else None
-        forward_model = model
+        # 'fused' runs the base model (hidden states) and cggr.linear's LM head + CE; 'model' the whole model.
+        forward_model = model.base_model if loss_impl == "fused" else model
         if compile in ("router", "all") and trunk is not None:
             trunk = torch.compile(trunk, **options)
         if compile in ("model", "all"):
-            forward_model = torch.compile(model, **options)
+            forward_model = torch.compile(forward_model, **options)
         # Plain attributes again: the compiled wrapper (an nn.Module) must not register the model twice.
         self.__dict__["_trunk_fn"] = trunk
         self.__dict__["_forward_model"] = forward_model
@@ -330,9 +356,18 @@ class CGGRModel(nn.Module):
             rows_kwargs = {name: take(v) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B else v
                            for name, v in kwargs.items()}
 
-        if selection is not None and selection.row_weight is not None:
+        row_weight = selection.row_weight if selection is not None else None
+        rows_selected_tokens = None
+        if self.loss_impl == "fused":
+            rows_ref = None
+            if reference_nll is not None:
+                rows_ref = reference_nll if selection is None else reference_nll.index_select(
+                    0, selection.indices.to(reference_nll.device))
+            loss, rows_selected_tokens = self._fused_loss(rows_ids, rows_labels, rows_mask, rows_kwargs,
+                                                          row_weight, rows_ref)
+        elif row_weight is not None:
             out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, **rows_kwargs)
-            loss = self._weighted_loss(out.logits, rows_labels, selection.row_weight)
+            loss = self._weighted_loss(out.logits, rows_labels, row_weight)
         else:
             out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, labels=rows_labels,
                                       **rows_kwargs)
@@ -345,7 +380,9 @@ class CGGRModel(nn.Module):
             "sequences_selected": k,
             "sequences_total": B,
             "tokens_total": per_row.sum(),
-            "tokens_selected": per_row.sum() if selection is None else per_row.index_select(0, selection.indices).sum(),
+            "tokens_selected": (rows_selected_tokens if rows_selected_tokens is not None
+                                else per_row.sum() if selection is None
+                                else per_row.index_select(0, selection.indices).sum()),
             "confidence": confidence,
         }
         if timing is not None:
@@ -395,6 +432,48 @@ class CGGRModel(nn.Module):
             rows = torch.where((n_scored > 0) & torch.isfinite(rows), rows, torch.full_like(rows, -math.inf))
             confidence = batch_confidence(stats.p1, valid) if self.schedule.dynamic_threshold else None
         return rows, confidence
+
+    def _fused_loss(self, ids, labels, attention_mask, kwargs, row_weight, reference_nll):
+        """Base model -> hidden states -> cggr.linear's fused LM head + CE: no [k, T, V] logits.
+
+        Same loss as the model's (mean over valid shifted targets) up to float rounding; with
+        ``token_ratio < 1`` only the hardest ``ceil(token_ratio * n)`` valid tokens of these rows (by the
+        full model's own statistics and ``scoring``) carry loss and gradient. No host sync.
+        """
+        k, T = ids.shape
+        out = self._forward_model(input_ids=ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state
+        head = self.model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        if weight.dtype != hidden.dtype:
+            # autocast: the model's head would run in the trunk's output dtype (differentiable cast)
+            weight = weight.to(hidden.dtype)
+            bias = bias.to(hidden.dtype) if bias is not None else None
+        # The HF shift without slicing hidden (no copy): the last position's target is ignore_index.
+        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        n = k * T
+        if self.token_ratio < 1.0:
+            token_ratio = self.token_ratio
+            ref = None if reference_nll is None else nn.functional.pad(reference_nll.to(torch.float32), (0, 1))
+
+            def select_fn(stats, valid):
+                scores = score(stats, self.scoring, valid, self.combined_weights, ref)
+                return ops.select_topk(scores, valid, token_ratio)
+
+            max_selected = min(n, math.ceil(token_ratio * n))
+        else:
+            def select_fn(stats, valid):
+                return valid
+
+            max_selected = n
+        weights = None if row_weight is None else row_weight.to(torch.float32)[:, None].expand(k, T)
+        loss, _, mask = fused_linear_selective_ce(hidden, weight, targets, select_fn, bias=bias,
+                                                  ignore_index=IGNORE_INDEX, reduction="mean",
+                                                  chunk_size=self.loss_chunk_size, row_weight=weights,
+                                                  # no host sync: targets unchecked (as the model's own CE on
+                                                  # CUDA), the selected count bounded on the host
+                                                  validate_targets=False, max_selected=max_selected)
+        return loss, (mask & (targets != IGNORE_INDEX)).sum()
 
     @staticmethod
     def _weighted_loss(logits, labels, row_weight):

@@ -407,3 +407,50 @@ def test_bf16_model_and_autocast():
         loss = cggr(ids, labels=labels)
     loss.backward()
     assert torch.isfinite(loss) and recorder.calls[0]["input_ids"].shape == (2, 12)
+
+
+# -- loss_impl='fused' (cggr.linear) -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_loss_matches_model_loss(family):
+    ids, labels = batch(B=6)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels[1, 8:] = -100
+    labels[4, :3] = -100
+    plain = tiny_model(family)
+    plain_loss = plain(ids, attention_mask=mask, labels=labels).loss
+    plain_loss.backward()
+    model = tiny_model(family)
+    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2, loss_impl="fused")
+    loss = cggr(ids, labels=labels, attention_mask=mask)
+    loss.backward()
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    expected, got = grads(plain), grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_rows_and_token_ratio():
+    ids, labels = batch(B=8)
+    model = tiny_model("llama")
+    eager = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    fused = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl="fused")
+    torch.testing.assert_close(fused(ids, labels=labels), eager(ids, labels=labels), rtol=1e-5, atol=1e-6)
+    half = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl="fused",
+                     token_ratio=0.5)
+    recorder = RowRecorder(model.model)    # fused mode runs the base model
+    loss = half(ids, labels=labels)
+    rows = recorder.calls[0]["input_ids"]
+    assert rows.shape == (2, 12)
+    # mean nll of the hardest half (by the full model's nll) of the selected rows' 22 targets
+    with torch.no_grad():
+        logits = model(rows).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none").flatten()  # labels == ids
+    torch.testing.assert_close(loss.detach(), torch.topk(nll, 11).values.mean(), rtol=1e-5, atol=1e-6)
+    assert half.get_metrics()["tokens_selected"] == 11
+    with pytest.raises(ValueError, match="token_ratio < 1 .* needs loss_impl='fused'"):
+        CGGRModel(model, router_layers=2, token_ratio=0.5)
+    with pytest.raises(ValueError, match="loss_impl must be one of"):
+        CGGRModel(model, router_layers=2, loss_impl="liger")
