@@ -57,6 +57,9 @@ _MIN_CHUNK_BYTES = 16 << 20
 # multiples (when larger) so the matmul tiles stay whole.
 _ROW_ALIGN = 64
 _COL_ALIGN = 128
+# Default backward slices are at least this wide (when V allows): narrower slices make grad_W's
+# per-slice matmul ([cols, S] @ [S, H]) a skinny, launch-bound one. Only matters for large S.
+_MIN_COLS = 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,14 +181,15 @@ def _backward_cols(S, N, H, V, itemsize, chunk_size, gathered):
 
     chunk_size given: a slice holds at most chunk_size * V logits, like a forward chunk. Default: the
     hidden states' size (N * H elements) minus the [S, H] working buffers (the gathered rows and the
-    float32 grad accumulator), never below 16 MiB. At least one column (or 128, rounded) per slice.
+    float32 grad accumulator), never below 16 MiB nor 1024 columns (so for very large S a default slice
+    exceeds the budget: 2 KiB per selected row in bf16). Widths are rounded down to a multiple of 128.
     """
     if chunk_size is not None:
-        elements = chunk_size * V
+        cols = chunk_size * V // max(S, 1)
     else:
         work = S * H * (4 + (itemsize if gathered else 0))
         elements = max(N * H * itemsize - work, _MIN_CHUNK_BYTES) // itemsize
-    cols = elements // max(S, 1)
+        cols = max(elements // max(S, 1), _MIN_COLS)
     if cols >= V:
         return V
     return max(1, _align_down(cols, _COL_ALIGN))
@@ -402,6 +406,18 @@ def _selected_backward(hidden, weight, bias, targets, sel, lse, row_weight, coun
     lse_sel = lse_sel.contiguous()
     c_sel = c_sel.contiguous()
 
+    # float16: the per-row factor stays out of the stored gradient, which is then p - onehot in [-1, 1].
+    # coef * p (e.g. 1/4096 * 1e-5) is below float16's smallest subnormal (6e-8) and would flush to zero,
+    # losing the softmax part of every gradient. The factor goes on the gathered rows for grad_W and
+    # grad_b, and on the float32 grad_hidden rows at the end. bfloat16/float32 have the range: one pass.
+    prescale = dtype == torch.float16
+    if prescale:
+        kernel_coef = (c_sel != 0).float()  # 1 on active rows (NaN != 0: a poisoned row stays active)
+        h_w = torch.mul(h_sel, c_sel[:, None], out=torch.empty_like(h_sel)) if need_w else None
+        c_b = c_sel.to(dtype) if need_b else None
+    else:
+        kernel_coef, h_w = c_sel, h_sel
+
     cols = _backward_cols(S, N, H, V, hidden.element_size(), plan.chunk_size, gathered=not plan.all_rows)
     buf = torch.empty(S * cols, dtype=dtype, device=device)
     gh = torch.empty((S, H), dtype=torch.float32, device=device) if need_h else None
@@ -410,17 +426,22 @@ def _selected_backward(hidden, weight, bias, targets, sel, lse, row_weight, coun
         w_s = weight[v0:v1]
         g = _logits_into(buf[: S * (v1 - v0)].view(S, v1 - v0), h_sel, w_s,
                          None if bias is None else bias[v0:v1])
-        _ce_grad_(g, lse_sel, t_sel, c_sel, v0, plan.softcap)
+        _ce_grad_(g, lse_sel, t_sel, kernel_coef, v0, plan.softcap)
         if need_w:
-            torch.mm(g.t(), h_sel, out=grad_w[v0:v1])
+            torch.mm(g.t(), h_w, out=grad_w[v0:v1])
         if need_b:
-            torch.sum(g, dim=0, out=grad_b[v0:v1])
+            if prescale:
+                torch.mv(g.t(), c_b, out=grad_b[v0:v1])
+            else:
+                torch.sum(g, dim=0, out=grad_b[v0:v1])
         if need_h:
             _accumulate_mm(gh, g, w_s, first=j == 0)
-    del buf, g
+    del buf, g, h_w
 
     grad_h = None
     if need_h:
+        if prescale:
+            gh.mul_(c_sel[:, None])
         if plan.all_rows:
             grad_h = gh.to(dtype)
         else:
@@ -489,8 +510,9 @@ def fused_linear_selective_ce(hidden: torch.Tensor, weight: torch.Tensor, target
     Gradients: hidden, weight and bias (when they require grad). Rows not selected get exact zeros in
     grad_hidden and no work. Precision: logits in the input dtype (as eager ``h @ W.T``), softmax and
     gradient math in float32, grad_hidden accumulated over vocabulary slices in float32, grad_weight
-    written once per row of W (no accumulation in the weight's dtype). float16: the gradient is
-    (softmax - onehot) * coef stored in float16 exactly as eager's would be; use a loss scaler.
+    written once per row of W (no accumulation in the weight's dtype). float16: the stored logits
+    gradient is softmax - onehot, unscaled (the 1/count factor would push it below float16's range);
+    the factor is applied to the rows instead, so no loss scaler is needed for this layer.
     """
     op = "cggr.fused_linear_selective_ce"
     h2d, t_flat, token_shape, N, H, V = _check_common(op, hidden, weight, targets, bias, chunk_size, softcap)

@@ -425,3 +425,14 @@ def test_triton_softcap_matches_torch(triton_device, dtype):
     got = launch_softcap_(x.to(triton_device), 5.0).cpu()
     torch.testing.assert_close(got.float(), expect.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                atol=1e-7)
+
+
+def test_float16_small_gradients_do_not_underflow():
+    """coef * softmax (here 4e-5 * 2e-4) is below float16's range: the factor must stay out of the
+    stored float16 gradient, or the softmax part of every gradient flushes to zero."""
+    h, w, b, t = make(N=256, H=16, V=4096, dtype=torch.float16, bias=True, n_ignored=0)
+    h, w, b = leaves(h, w, b)
+    loss, _, mask = fused_linear_selective_ce(h, w, t, topk(1.0), bias=b)
+    (loss * 1e-2).backward()
+    _, rh, rw, rb = reference(h, w, b, t, mask, grad_out=torch.tensor(1e-2))
+    assert rel(h.grad, rh) < 1e-2 and rel(w.grad, rw) < 1e-2 and rel(b.grad, rb) < 1e-2
