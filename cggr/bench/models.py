@@ -5,10 +5,25 @@ Presets (all with tied input/output embeddings; vocabulary = tokenizer size roun
 - ``small``: hidden 256, 4 layers, 4 heads (2 KV heads), intermediate 768: reference models on a GPU.
 - ``smollm-135m``: the SmolLM-135M shape: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 KV heads.
 """
+import contextlib
 import copy
 import os
 
 import torch
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No per-shard progress bars while a checkpoint is read or written (the bench has its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -43,7 +58,8 @@ def load_checkpoint(path: str):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model checkpoint {path} is not a folder")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     model.config.use_cache = False
     return model
 

@@ -188,6 +188,10 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
                          ls="-" if r["ratio"] in (None, 0.25) else "--", label=label if first else None)
             axes[0].plot([p["time"] for p in r["curve"]], ys, **style)
             axes[1].plot([p["tokens"] / 1e6 for p in r["curve"]], ys, **style)
+        std_finals = [headline(r["final_val"], r["primary"]) for r in rs if r["config"] == "standard"]
+        if std_finals:  # the level every configuration is timed to reach
+            for ax in axes:
+                ax.axhline(float(np.mean(std_finals)), color="gray", ls=":", lw=1)
         primary = rs[0]["primary"] or "mean over sources"
         axes[0].set_xlabel("training time (s, evaluation excluded)")
         axes[1].set_xlabel("tokens drawn from the data (M)")

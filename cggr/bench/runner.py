@@ -32,7 +32,7 @@ import torch
 
 from . import data as D
 from .configs import REGIMES, StepContext, get_config
-from .models import ModelSource, build_preset, check_vocab, load_checkpoint
+from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
 
 
@@ -174,7 +174,8 @@ class Bench:
                        self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
                        self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log)
         tmp = path + ".tmp"
-        model.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
         with open(os.path.join(tmp, "bench_stage1.json"), "w") as f:
             json.dump({"seed": seed, "sources": others, "steps": result.steps, "tokens": result.tokens,
                        "train_time": result.train_time, "val": result.final_val}, f, indent=1)
