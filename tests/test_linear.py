@@ -272,6 +272,9 @@ def test_3d_input_and_sequence_aware_selection():
     assert not ht.is_contiguous()
     got = run(ht, w, b, t, select_fn)
     torch.testing.assert_close(got[3], gh)
+    per_token = run(h, w, b, t, select_fn, reduction="none")[0]
+    assert per_token.shape == (4, 12)
+    torch.testing.assert_close(per_token.sum() / (mask & (t != -100)).sum(), loss)
 
 
 def test_row_weight():

@@ -89,7 +89,7 @@ def _check(x, op):
 def _config(n_cols, dtype):
     # Memory-bound passes: a program moves BLOCK elements; 2048 bf16 (4 KB) per program with 4 warps keeps
     # 16-byte vector accesses and enough programs in flight for any realistic slice width.
-    block = min(2048 if torch.empty((), dtype=dtype).element_size() == 2 else 1024, triton.next_power_of_2(n_cols))
+    block = min(2048 if dtype.itemsize == 2 else 1024, triton.next_power_of_2(n_cols))
     return block, 4 if block >= 1024 else 2
 
 
