@@ -40,8 +40,11 @@ CGGR_HD uint32_t order_key(float x) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// Quota k = ceil(clamp(ratio, 0, 1) * n), at least 1 when n > 0, at most n. Exact integer math
-// (ratio = m * 2^-shift), so CPU and CUDA agree for every n (a double product would round for n >= 2^29).
+// Quota k = ceil(r * n * (1 - 2^-24)) with r = clamp(ratio, 0, 1), at least 1 when n > 0, at most n.
+// The factor (1 - 2^-24) absorbs the float32 rounding of the ratio: 0.1f is 0.1000000015, and
+// ceil(0.1000000015 * 10) would be 2; with it, any ratio whose intended product with n is an
+// integer j < 2^23 gives exactly j, as the same formula in double precision does. Computed exactly
+// in integers (r = m * 2^-shift), so CPU and CUDA agree for every n.
 CGGR_HD int64_t quota_from_ratio(float ratio, int64_t n) {
   if (n <= 0) return 0;
   if (!(ratio > 0.f)) return 1;  // <= 0 or NaN clamps to 0; the floor of one token applies
@@ -51,15 +54,17 @@ CGGR_HD int64_t quota_from_ratio(float ratio, int64_t n) {
   uint64_t m = b & 0x7FFFFFu;
   int shift;
   if (e == 0) {
-    shift = 149;  // subnormal: m * 2^-149
+    shift = 149 + 24;  // subnormal: m * 2^-149
   } else {
     m |= 0x800000u;
-    shift = 150 - static_cast<int>(e);  // >= 24 because ratio < 1
+    shift = 150 - static_cast<int>(e) + 24;  // >= 48 because ratio < 1
   }
-  const unsigned __int128 p = static_cast<unsigned __int128>(m) * static_cast<uint64_t>(n);
+  // m * n * (2^24 - 1) < 2^24 * 2^63 * 2^24 = 2^111.
+  const unsigned __int128 p =
+      static_cast<unsigned __int128>(m) * static_cast<uint64_t>(n) * ((uint64_t{1} << 24) - 1);
   int64_t k;
   if (shift >= 128) {
-    k = p != 0;  // p < 2^87 < 2^shift
+    k = p != 0;  // p < 2^111 < 2^shift
   } else {
     const unsigned __int128 one = 1;
     k = static_cast<int64_t>((p + ((one << shift) - 1)) >> shift);
