@@ -1,4 +1,5 @@
 """CGGRLoss: score every token in one pass, keep the hard ones, put loss and gradient on them only."""
+import math
 from typing import Mapping, Optional
 
 import torch
@@ -193,8 +194,21 @@ class CGGRLoss(nn.Module):
         loss, _, _ = fused_linear_selective_ce(hidden, weight, targets, select_fn, bias=bias,
                                                ignore_index=self.ignore_index, reduction=self.reduction,
                                                chunk_size=chunk_size, softcap=softcap,
-                                               validate_targets=self.validate_targets)
+                                               validate_targets=self.validate_targets,
+                                               max_selected=self._selection_bound(targets.shape))
         return loss
+
+    def _selection_bound(self, token_shape) -> int:
+        """A host-known upper bound on the tokens the next selection can keep (sizes the backward's buffers
+        without reading the count back from the device)."""
+        n = math.prod(token_shape)
+        ratio = self.current_ratio
+        if self.schedule.dynamic_threshold:
+            ratio = min(1.0, ratio + 0.5 * self.schedule.threshold_sensitivity)
+        bound = math.ceil(ratio * n) + 1  # +1: the device computes the ratio in float32
+        if self.selection == "sequence_aware":
+            bound += token_shape[0] * self.min_tokens_per_sequence
+        return min(n, bound)
 
     # -- metrics ----------------------------------------------------------------------------
     def get_metrics(self) -> dict:

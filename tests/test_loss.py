@@ -188,3 +188,24 @@ def test_bad_call_arguments():
         crit(logits, bad)
     with pytest.raises(ValueError, match="sequence_aware"):
         _criterion(selection="sequence_aware")(logits, targets)
+
+
+@pytest.mark.parametrize("selection, dynamic", [("topk", False), ("topk", True), ("sequence_aware", False)])
+def test_forward_linear_matches_logits_path(selection, dynamic):
+    g = torch.Generator().manual_seed(21)
+    hidden = torch.randn(3, 20, 16, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weight = (torch.randn(41, 16, generator=g) / 4).requires_grad_(True)
+    targets = torch.randint(0, 41, (3, 20), generator=g)
+    targets[0, :5] = IGNORE
+    kw = dict(scoring="combined", selection=selection, dynamic_threshold=dynamic, warmup_steps=0)
+    linear_crit, logits_crit = CGGRLoss(**kw), CGGRLoss(**kw)
+    loss_lin = linear_crit.forward_linear(hidden, weight, targets)
+    loss_lin.backward()
+    grads_lin = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss_log = logits_crit(hidden @ weight.T, targets)
+    loss_log.backward()
+    assert torch.equal(linear_crit._last["mask"], logits_crit._last["mask"])
+    torch.testing.assert_close(loss_lin, loss_log, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_lin[0], hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads_lin[1], weight.grad, rtol=1e-4, atol=1e-6)
