@@ -158,7 +158,7 @@ def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int, dtype: 
     A chunk of logits is about as large as the hidden states it comes from (N * H elements, as Liger's
     fused linear cross entropy does), never below 16 MiB; rows rounded down to a multiple of 64.
     """
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     budget = max(n_tokens * hidden_size * itemsize, _MIN_CHUNK_BYTES)
     return _rows_for_bytes(budget, vocab_size, itemsize, n_tokens)
 
