@@ -10,7 +10,8 @@ do_bench, and inputs rotated so no call sees the previous call's logits):
   cggr op          torch.ops.cggr.token_stats (custom-op dispatch included)
   torch.amax       a plain reduction over V, for reference
   eager / compile  the eager composition (logsumexp, softmax, entropy, topk(2), gather) and torch.compile of it
---sweep also times a grid of kernel configs (BLOCK_N, BLOCK_V, num_warps, num_stages, lane_sums), each
+--sweep also times a grid of kernel configs (BLOCK_N, BLOCK_V, num_warps, num_stages, and the lane_sums /
+branch_top2 kernel variants), each
 checked against the default config's output, so the heuristic table can be tuned from one run.
 Prints markdown tables and writes OUT_DIR/token_stats.json.
 """
@@ -88,26 +89,24 @@ def environment():
 
 
 def sweep_configs(V, dtype):
-    """A few dozen configs around the heuristic: chunk width x warps (4-64 elements per thread)."""
+    """Configs around the heuristic: chunk width x warps (8-32 elements per thread) x the two kernel
+    variants (lane_sums, branch_top2), plus num_stages for the default."""
+    base = token_stats_config(V, dtype)
     configs = []
     if V >= 16384:
-        for block_v in (2048, 4096, 8192, 16384):
+        for block_v in (4096, 8192, 16384):
             for warps in (4, 8, 16, 32):
-                per_thread = block_v // (32 * warps)
-                if 4 <= per_thread <= 64:
+                if 8 <= block_v // (32 * warps) <= 32:
                     for lane_sums in (False, True):
-                        configs.append(dict(block_n=1, block_v=block_v, num_warps=warps, num_stages=None,
-                                            lane_sums=lane_sums))
-        base_n, base_v, base_w = token_stats_config(V, dtype)
+                        for branch_top2 in (False, True):
+                            configs.append(dict(block_n=1, block_v=block_v, num_warps=warps, num_stages=None,
+                                                lane_sums=lane_sums, branch_top2=branch_top2))
         for stages in (1, 2, 3):
-            configs.append(dict(block_n=base_n, block_v=base_v, num_warps=base_w, num_stages=stages,
-                                lane_sums=False))
+            configs.append(dict(base, num_stages=stages))
     else:
-        block_v = triton.next_power_of_2(V)
         for block_n in (1, 2, 4, 8, 16):
             for warps in (4, 8):
-                configs.append(dict(block_n=block_n, block_v=block_v, num_warps=warps, num_stages=None,
-                                    lane_sums=False))
+                configs.append(dict(base, block_n=block_n, num_warps=warps, num_stages=None))
     return configs
 
 
@@ -117,7 +116,7 @@ def run_sweep(rot, V, dtype, floor_ms):
     rows = []
     for cfg in sweep_configs(V, dtype):
         label = (f"N{cfg['block_n']} V{cfg['block_v']} w{cfg['num_warps']} s{cfg['num_stages'] or '-'}"
-                 f"{' lane' if cfg['lane_sums'] else ''}")
+                 f"{' lane_sums' if cfg['lane_sums'] else ''}{' branch_top2' if cfg['branch_top2'] else ''}")
         try:
             out = launch_token_stats(x0, t0, -100, **cfg)
             torch.cuda.synchronize()
@@ -170,8 +169,7 @@ def main(argv=None):
         # correctness of what was timed, against the eager float32 composition
         x0, t0 = rot.items[0]
         err = (launch_token_stats(x0, t0, -100) - eager_stats(x0, t0)).abs().amax(dim=1).tolist()
-        cfg = token_stats_config(V, dtype)
-        per_v = {"config": {"block_n": cfg[0], "block_v": cfg[1], "num_warps": cfg[2]},
+        per_v = {"config": token_stats_config(V, dtype),
                  "logits_GB": logits_bytes / 1e9, "ms": entries, "max_abs_err_vs_eager": err}
         rows = [["copy bandwidth", f"{bw:.2f} TB/s", "", ""],
                 ["one-read floor", f"{floor_ms:.3f}", "1.00", f"{logits_bytes / floor_ms / 1e9:.0f}"]]

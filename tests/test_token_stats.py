@@ -77,9 +77,11 @@ CASES = [
     (2, {}),
     (3, {}),
     (1000, {}),
-    (1000, {"block_v": 128, "block_n": 4, "num_warps": 2}),
-    (4099, {"block_v": 512, "block_n": 1}),
-    (4099, {"block_v": 512, "block_n": 2, "lane_sums": True}),
+    (1000, {"block_v": 128, "block_n": 4, "num_warps": 2, "branch_top2": False}),
+    (4099, {"block_v": 512, "block_n": 1, "branch_top2": False}),
+    (4099, {"block_v": 512, "block_n": 2, "lane_sums": True, "branch_top2": False}),
+    (4099, {"block_v": 256, "block_n": 4, "branch_top2": True}),
+    (20000, {"block_v": 1024, "lane_sums": True, "branch_top2": True}),
     (20000, {}),
 ]
 
@@ -136,7 +138,10 @@ def test_duplicate_maxima(impl_device):
     logits[3, [10, 20, 30]] = 9.0   # three-way tie
     logits[4, 100] = 9.0            # unique max: p2 < p1
     targets = torch.tensor([3, 5, 511, 0, 100])
-    for cfg in ({"block_v": 128, "block_n": 1}, {"block_v": 128, "block_n": 2, "lane_sums": True}, {}):
+    for cfg in ({"block_v": 128, "block_n": 1, "branch_top2": False},
+                {"block_v": 128, "block_n": 2, "lane_sums": True, "branch_top2": False},
+                {"block_v": 128, "block_n": 1, "branch_top2": True}, {"block_v": 64, "block_n": 4, "branch_top2": True},
+                {}):
         out = run_impl(impl, logits.to(device), targets.to(device), **(cfg if impl == "triton" else {}))
         assert_stats_close(out, reference(logits, targets))
         assert torch.equal(out[3, :4], out[4, :4])
@@ -193,7 +198,8 @@ def test_extreme_logits(impl_device, dtype):
     logits = logits.to(dtype)
     targets = torch.tensor([1, 2, 3, 7, 8, 9])
     ref = reference(logits, targets)
-    for cfg in ({"block_v": 64}, {"block_v": 64, "lane_sums": True}):
+    for cfg in ({"block_v": 64, "branch_top2": False}, {"block_v": 64, "lane_sums": True, "branch_top2": False},
+                {"block_v": 64, "branch_top2": True}):
         out = run_impl(impl, logits.to(device), targets.to(device), **(cfg if impl == "triton" else {}))
         assert_stats_close(out, ref)
     # rows 1 and 5 sit near +-big/2: lse is float32-accurate relative to big, everything else is exact

@@ -110,6 +110,8 @@ def launch_selective_ce_backward(logits, targets, lse, mask, scale, row_weight=N
     block_n = block_n or cfg_n
     block_v = block_v or cfg_v
     num_warps = num_warps or cfg_w
+    if block_n & (block_n - 1) or block_v & (block_v - 1):
+        raise ValueError(f"block_n and block_v must be powers of two, got {block_n} and {block_v}")
     extra = {} if num_stages is None else {"num_stages": num_stages}
     grid = (triton.cdiv(N, block_n),)
     _selective_ce_backward_kernel[grid](
