@@ -157,7 +157,7 @@ def _runs(out):
     return report.load_runs(out)
 
 
-def test_every_configuration_of_every_regime_ran(bench_out):
+def test_every_configuration_of_every_regime_ran(bench_out, cache_dir):
     runs = _runs(bench_out)
     done = {(r["regime"], r["config"]) for r in runs}
     for regime in ("pretrain", "finetune", "target"):
@@ -175,6 +175,7 @@ def test_every_configuration_of_every_regime_ran(bench_out):
     assert hardest["curve"][-1]["selection"]["sequences_selected"] == 2
     finetune = next(r for r in runs if r["regime"] == "finetune")
     assert finetune["primary"] == "python_doc" and os.path.isdir(finetune["init_checkpoint"])
+    assert finetune["init_checkpoint"].startswith(cache_dir)  # large artefacts stay out of OUT
     target = next(r for r in runs if r["regime"] == "target")
     assert target["primary"] == "python_doc" and target["reference"]["preset"] == "tiny"
 
@@ -217,14 +218,14 @@ def test_rerun_reuses_finished_runs_and_refuses_other_settings(bench_out, cache_
               "--cache-dir", cache_dir] + changed)
 
 
-def test_user_checkpoint_and_prepared_token_file(tmp_path, corpus, capsys):
+def test_user_checkpoint_and_prepared_token_file(tmp_path, corpus, cache_dir, capsys):
     from cggr.bench.models import build_preset
 
     model_dir = str(tmp_path / "model")
     build_preset("tiny", corpus.vocab_size, 64, seed=3, eot_id=corpus.eot_id).save_pretrained(model_dir)
     out = str(tmp_path / "out")
     assert main(["bench", "--regime", "pretrain", "--configs", "standard", "cggr_hardest", "--ratios", "0.5",
-                 "--model", model_dir, "--corpus", corpus.path, "--out", out] + TINY) == 0
+                 "--model", model_dir, "--corpus", corpus.path, "--out", out, "--cache-dir", cache_dir] + TINY) == 0
     runs = _runs(out)
     assert {r["config"] for r in runs} == {"standard", "cggr_hardest"}
     assert runs[0]["settings"]["model_path"] == model_dir

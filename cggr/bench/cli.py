@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="'bytes', a folder with vocab.json + merges.txt (GPT-2 BPE) or tokenizer.json; "
                         "default: the --model folder if given, else 'bytes'")
     g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cggr", "bench"),
-                   help="where tokenized corpora are cached")
+                   help="tokenized corpora, finetune stage-1 checkpoints and reference-model NLL")
     g.add_argument("--doc-chars", type=int, default=2000, help="minimum characters per document")
     g.add_argument("--val-frac", type=float, default=0.05)
     g.add_argument("--test-frac", type=float, default=0.05)
@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder to start from")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny")
     g.add_argument("--init-checkpoint", default=None,
-                   help="finetune: stage-1 model folder (OUT/init/... of an earlier run); skips stage 1")
+                   help="finetune: stage-1 model folder (CACHE/init/... of an earlier run, or any HF causal LM); "
+                        "skips stage 1")
     g.add_argument("--reference-preset", choices=sorted(PRESETS), default="tiny")
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=16)
@@ -146,7 +147,8 @@ def settings_from_args(args, parser, log):
             router_layers=args.router_layers, selection_warmup_steps=args.selection_warmup_steps,
             finetune_source=args.finetune_source, target_source=args.target_source,
             reference_preset=args.reference_preset, reference_frac=args.reference_frac,
-            untimed_warmup_steps=args.untimed_warmup_steps, out=args.out)
+            untimed_warmup_steps=args.untimed_warmup_steps, out=args.out,
+            cache_dir=args.cache_dir)
     return settings, corpus
 
 

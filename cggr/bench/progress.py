@@ -1,4 +1,5 @@
-"""Progress of one run: a tqdm bar when tqdm is installed, else a line every 10% of the budget."""
+"""Progress of one run: a tqdm bar when tqdm is installed and the output is a terminal, else a line every
+10% of the budget (a captured log stays readable: no carriage-return redraws)."""
 import sys
 
 try:
@@ -15,7 +16,7 @@ class Progress:
         self.note_text = ""
         self._next_line = 0.1
         self._bar = None
-        if _tqdm is not None:
+        if _tqdm is not None and getattr(self.stream, "isatty", lambda: False)():
             self._bar = _tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True,
                               bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n:.0f}/{total:.0f} {unit} "
                                          "[{elapsed}<{remaining}{postfix}]")

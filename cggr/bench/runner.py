@@ -3,8 +3,8 @@
 - ``pretrain``: from the initial model (a preset from scratch, or ``--model``) on the train split of
   every source; the headline metric is the mean validation loss over sources (each source weighs the same).
 - ``finetune``: stage 1 trains the initial model with the ``standard`` recipe on every source but
-  ``--finetune-source`` (its own budget, ``--init-*-budget``), saved under ``OUT/init/``; or
-  ``--init-checkpoint`` names such a folder from an earlier run. Every configuration then starts from
+  ``--finetune-source`` (its own budget, ``--init-budget``), saved under ``CACHE/init/``; or
+  ``--init-checkpoint`` names such a folder from an earlier run (any Hugging Face causal-LM folder). Every configuration then starts from
   that checkpoint and trains on the held-out source's train split for as many passes as its budget
   allows; the headline metric is the held-out source's validation loss (the others show forgetting).
 - ``target``: the goal is one domain (``--target-source``). A fixed ``--reference-frac`` of that
@@ -15,8 +15,10 @@
   is the target domain's validation loss.
 
 Every run writes ``OUT/runs/<regime>__<config>__r<ratio>__s<seed>.json`` as soon as it ends; a later
-invocation with the same ``--out`` and the same settings reuses finished runs (and the stage-1
-checkpoint / reference NLL), so a long benchmark can be split over several commands. Settings that
+invocation with the same ``--out`` and the same settings reuses finished runs, and one with the same
+``--cache-dir`` and settings reuses the stage-1 checkpoint (``CACHE/init/<settings>-s<seed>``) and the
+reference NLL (``CACHE/reference/``), so a long benchmark can be split over several commands. Those two
+live in the cache folder, not in OUT, because they are large (a 135M-parameter checkpoint is 0.5 GB). Settings that
 differ from the runs already in ``OUT`` are an error, never silently mixed.
 """
 import contextlib
@@ -66,10 +68,11 @@ class Settings:
     reference_frac: float = 0.5
     untimed_warmup_steps: int = 2
     out: str = "bench_out"
+    cache_dir: str = "bench_cache"  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 
     def key_fields(self, corpus_path: str) -> dict:
         """What makes two runs of one configuration comparable (not the lists of configs, ratios, seeds)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("configs", "ratios", "seeds", "out")}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("configs", "ratios", "seeds", "out", "cache_dir")}
         if self.regime != "finetune":
             for k in ("init_budget", "init_checkpoint", "finetune_source"):
                 fields.pop(k)
@@ -159,7 +162,7 @@ class Bench:
         """Path of the stage-1 checkpoint for this seed: given, saved by an earlier run, or trained now."""
         if self.s.init_checkpoint:
             return self.s.init_checkpoint
-        path = os.path.join(self.s.out, "init", f"{self.hash}-s{seed}")
+        path = os.path.join(self.s.cache_dir, "init", f"{self.hash}-s{seed}")
         if os.path.exists(os.path.join(path, "config.json")):
             self.log(f"finetune: stage 1 checkpoint {path} (reused)")
             return path
@@ -184,7 +187,7 @@ class Bench:
 
     def _reference(self, seed: int) -> Dict:
         """Reference model on the clean target slice; its per-token NLL over the pool, computed once."""
-        path = os.path.join(self.s.out, "reference", f"{self.hash}-s{seed}.npy")
+        path = os.path.join(self.s.cache_dir, "reference", f"{self.hash}-s{seed}.npy")
         info_path = path[:-4] + ".json"
         if os.path.exists(path):
             self.log(f"target: reference NLL {path} (reused)")
