@@ -82,6 +82,20 @@ def test_token_stats_real_sizes(N, V, dtype):
     assert_stats_close(out, reference_stats(logits, targets))
 
 
+@pytest.mark.parametrize("lane_sums", [False, True])
+@pytest.mark.parametrize("branch_top2", [False, True])
+@pytest.mark.parametrize("block_v,num_warps", [(4096, 8), (8192, 16), (16384, 32)])
+def test_token_stats_kernel_variants(lane_sums, branch_top2, block_v, num_warps):
+    """Every variant the benchmark sweep may pick, at a real size."""
+    logits, targets = make(1024, 128256, torch.bfloat16, seed=block_v)
+    logits[0, [3, 100000]] = 40.0  # a tie across chunks
+    targets[::5] = -100
+    out = launch_token_stats(logits, targets, -100, block_v=block_v, num_warps=num_warps, lane_sums=lane_sums,
+                             branch_top2=branch_top2)
+    assert_stats_close(out, reference_stats(logits, targets))
+    assert out[3, 0] == out[4, 0]
+
+
 def test_token_stats_matches_cpu_implementation():
     logits, targets = make(512, 50257, torch.bfloat16, seed=1)
     targets[3] = -100
