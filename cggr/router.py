@@ -62,6 +62,9 @@ def _call_mask_fn(fn, config, inputs_embeds, attention_mask, position_ids):
     return fn(**kwargs)
 
 
+# The mask helpers get the CALLER's position_ids (None when not given): with position_ids and no
+# attention_mask, transformers looks for packed sequences and reads the answer on the host (a sync per
+# call); default positions 0 .. T-1 can never be packed, so None gives the same mask without that sync.
 def _default_position_ids(inputs_embeds):
     # What the models' forwards do without a cache: 0 .. T-1, broadcast over the batch.
     return torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
@@ -130,11 +133,11 @@ class _LlamaFamilyAdapter(_Adapter):
         if token_type_ids is not None:
             raise ValueError(f"{type(self.model).__name__} takes no token_type_ids")
         hidden = self.base.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = _default_position_ids(hidden)
         mask_fns = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
         masks = {kind: _call_mask_fn(mask_fns[kind], self.config, hidden, attention_mask, position_ids)
                  for kind in set(self.layer_kinds)}
+        if position_ids is None:
+            position_ids = _default_position_ids(hidden)
         position_embeddings = self.base.rotary_emb(hidden, position_ids)
         for layer, kind in zip(self.base.layers[: self.num_layers], self.layer_kinds):
             hidden = layer(hidden, attention_mask=masks[kind], position_ids=position_ids,
@@ -162,11 +165,11 @@ class _GPT2Adapter(_Adapter):
         from transformers.masking_utils import create_causal_mask
 
         inputs_embeds = self.base.wte(input_ids)
+        mask = _call_mask_fn(create_causal_mask, self.config, inputs_embeds, attention_mask, position_ids)
         if position_ids is None:
             position_ids = _default_position_ids(inputs_embeds)
         # Same order as GPT2Model.forward: token + position embeddings, then (optional) token types.
         hidden = inputs_embeds + self.base.wpe(position_ids)
-        mask = _call_mask_fn(create_causal_mask, self.config, inputs_embeds, attention_mask, position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.base.wte(token_type_ids)
         for block in self.base.h[: self.num_layers]:
@@ -197,9 +200,9 @@ class _GPTNeoXAdapter(_Adapter):
         if token_type_ids is not None:
             raise ValueError(f"{type(self.model).__name__} takes no token_type_ids")
         hidden = self.base.embed_in(input_ids)
+        mask = _call_mask_fn(create_causal_mask, self.config, hidden, attention_mask, position_ids)
         if position_ids is None:
             position_ids = _default_position_ids(hidden)
-        mask = _call_mask_fn(create_causal_mask, self.config, hidden, attention_mask, position_ids)
         position_embeddings = self.base.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.base.layers[: self.num_layers]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,

@@ -1,0 +1,150 @@
+"""CUDA checks of CGGRModel / create_truncated_router (run on the GPU machine).
+
+    pytest tests/gpu/test_model_cuda.py -q
+
+- the router + scoring + row selection path does not synchronise (torch.cuda.set_sync_debug_mode("error"));
+- compiled (compile='all') steps, 'model' and 'fused' loss: same loss as eager and no synchronisation at
+  all in forward + backward;
+- logit lens and ratio-1.0 equality in bf16 on the GPU.
+Small Llama / GPT-2 configs (a few hundred MB at most).
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+from cggr.model import CGGRModel
+from cggr.router import create_truncated_router
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    reason="needs a CUDA GPU (and compiled, not interpreted, Triton)",
+)
+
+VOCAB = 8192
+
+
+def llama(layers=6, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg)
+    return model.to(torch.bfloat16).train()
+
+
+def gpt2(layers=4, seed=0):
+    torch.manual_seed(seed)
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=layers, n_head=8, n_positions=1024,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = tf.GPT2LMHeadModel(cfg)
+    return model.to(torch.bfloat16).train()
+
+
+def batch(B=16, T=256, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, T), device="cuda", generator=g)
+    return ids, ids.clone()
+
+
+@contextlib.contextmanager
+def no_sync():
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+@pytest.mark.parametrize("selection", ["hardest", "stratified", "random"])
+@pytest.mark.parametrize("scoring", ["loss", "combined"])
+def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
+    model = make()
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection=selection,
+                     scoring=scoring)
+    ids, labels = batch()
+    k = 4
+
+    def route():
+        rows = None
+        if cggr.policy.needs_scores:
+            rows, _ = cggr._score_rows(ids, labels, None, {}, None)
+        picked = cggr.policy.select(rows if rows is not None else ids.shape[0], k, cggr._generator(ids.device))
+        return ids.index_select(0, picked.indices), labels.index_select(0, picked.indices)
+
+    route()  # lazy initialisation (cuBLAS handles, Triton compilation, the generator) may synchronise
+    with no_sync():
+        rows_ids, rows_labels = route()
+    assert rows_ids.shape == (k, ids.shape[1])
+
+
+@pytest.mark.parametrize("loss_impl", ["model", "fused"])
+def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
+    ids, labels = batch()
+    eager_model = llama()
+    eager = CGGRModel(eager_model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl=loss_impl)
+    compiled_model = llama()
+    compiled = CGGRModel(compiled_model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2,
+                         loss_impl=loss_impl, compile="all")
+    expected = eager(ids, labels=labels)
+    expected.backward()
+    for _ in range(2):   # compile, then a call that must hit the compiled graphs
+        compiled_model.zero_grad(set_to_none=True)
+        loss = compiled(ids, labels=labels)
+        loss.backward()
+    torch.testing.assert_close(loss.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    compiled_model.zero_grad(set_to_none=True)
+    with no_sync():
+        loss = compiled(ids, labels=labels)
+        loss.backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    assert compiled_model.model.layers[-1].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+def test_logit_lens_bf16(make):
+    model = make().eval()
+    router = create_truncated_router(model, num_layers=3)
+    ids, _ = batch(B=4, T=128)
+    with torch.no_grad():
+        hidden_states = model(ids, output_hidden_states=True).hidden_states
+        norm = model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+        expected = norm(hidden_states[3])
+        got = router(ids).hidden
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_ratio_one_equals_plain_model_bf16():
+    ids, labels = batch(B=8)
+    plain = llama()
+    plain_loss = plain(ids, labels=labels).loss
+    plain_loss.backward()
+    model = llama()
+    loss = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2)(ids, labels=labels)
+    loss.backward()
+    torch.testing.assert_close(loss, plain_loss)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        # SDPA's backward may use atomics: equal up to bf16 rounding, not bit for bit
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=1e-3, msg=name)
+
+
+def test_fused_loss_at_smollm_head_size():
+    # 49152-entry vocabulary like SmolLM: fused loss equals the model's loss on the same rows
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=3,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         attn_implementation="sdpa")
+    with torch.device("cuda"):
+        model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(0, 49152, (8, 512), device="cuda", generator=g)
+    eager = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)(ids, labels=ids)
+    fused = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2, loss_impl="fused")(ids, labels=ids)
+    torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-2, atol=1e-2)
