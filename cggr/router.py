@@ -23,10 +23,9 @@ Any other class raises a ``TypeError`` naming it. The layer calls follow the ins
 model forward (``create_causal_mask`` / ``create_sliding_window_causal_mask``, ``rotary_emb(hidden,
 position_ids)``, keyword calls of the decoder layers); the mask helpers' keyword names changed across
 transformers 5.x releases (``past_key_values`` -> ``cache``, ``cache_position`` dropped), so they are
-called through ``_call_mask_fn`` which reads the installed signature once.
+called through ``_MaskCall``, which reads the installed signature once, when the router is built.
 """
 import contextlib
-import functools
 import inspect
 from typing import NamedTuple, Optional
 
@@ -40,26 +39,39 @@ class RouterOutput(NamedTuple):
     bias: Optional[torch.Tensor]    # [V] or None
 
 
-@functools.lru_cache(maxsize=None)
-def _mask_fn_params(fn):
-    return frozenset(inspect.signature(fn).parameters)
+class _MaskCall:
+    """A transformers mask helper for a cache-free full-sequence forward, whatever its 5.x keyword names.
 
+    The signature is read once here, on the host: the call itself (traced by torch.compile when the
+    router is compiled) is then a plain keyword call.
+    """
 
-def _call_mask_fn(fn, config, inputs_embeds, attention_mask, position_ids):
-    """Call a transformers mask helper for a cache-free full-sequence forward, whatever its 5.x keyword names."""
-    params = _mask_fn_params(fn)
-    kwargs = {"config": config, "attention_mask": attention_mask}
-    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = inputs_embeds
-    for cache_name in ("cache", "past_key_values"):
-        if cache_name in params:
-            kwargs[cache_name] = None
-    if "cache_position" in params:
+    def __init__(self, fn):
+        params = frozenset(inspect.signature(fn).parameters)
+        self.fn = fn
+        self.embeds_name = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
+        self.cache_names = tuple(name for name in ("cache", "past_key_values") if name in params)
         # Older 5.x releases take the absolute positions of the queries in the cache; without a cache
         # they are simply 0 .. T-1.
-        kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-    if "position_ids" in params:
-        kwargs["position_ids"] = position_ids
-    return fn(**kwargs)
+        self.needs_cache_position = "cache_position" in params
+        self.takes_position_ids = "position_ids" in params
+
+    def __call__(self, config, inputs_embeds, attention_mask, position_ids):
+        kwargs = {"config": config, "attention_mask": attention_mask, self.embeds_name: inputs_embeds}
+        for name in self.cache_names:
+            kwargs[name] = None
+        if self.needs_cache_position:
+            kwargs["cache_position"] = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        if self.takes_position_ids:
+            kwargs["position_ids"] = position_ids
+        return self.fn(**kwargs)
+
+
+def _mask_calls():
+    from transformers import masking_utils
+
+    return {"full_attention": _MaskCall(masking_utils.create_causal_mask),
+            "sliding_attention": _MaskCall(masking_utils.create_sliding_window_causal_mask)}
 
 
 # The mask helpers get the CALLER's position_ids (None when not given): with position_ids and no
@@ -78,6 +90,7 @@ class _Adapter:
     def __init__(self, model, num_layers):
         self.model = model
         self.num_layers = num_layers
+        self.mask_calls = _mask_calls()
 
     def depth(self):
         raise NotImplementedError
@@ -107,6 +120,7 @@ class _LlamaFamilyAdapter(_Adapter):
         self.base = model.model
         self.config = self.base.config
         self.layer_kinds = self._layer_kinds()
+        self.mask_kinds = sorted(set(self.layer_kinds))
 
     def _layer_kinds(self):
         # Mirror each model forward's mask choice: Qwen2/Qwen3 read config.layer_types per layer;
@@ -128,14 +142,11 @@ class _LlamaFamilyAdapter(_Adapter):
                 self.base.norm, self.head()]
 
     def trunk(self, input_ids, attention_mask, position_ids, token_type_ids):
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         if token_type_ids is not None:
             raise ValueError(f"{type(self.model).__name__} takes no token_type_ids")
         hidden = self.base.embed_tokens(input_ids)
-        mask_fns = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        masks = {kind: _call_mask_fn(mask_fns[kind], self.config, hidden, attention_mask, position_ids)
-                 for kind in set(self.layer_kinds)}
+        masks = {kind: self.mask_calls[kind](self.config, hidden, attention_mask, position_ids)
+                 for kind in self.mask_kinds}
         if position_ids is None:
             position_ids = _default_position_ids(hidden)
         position_embeddings = self.base.rotary_emb(hidden, position_ids)
@@ -162,10 +173,8 @@ class _GPT2Adapter(_Adapter):
         return [self.base.wte, self.base.wpe, *self.base.h[: self.num_layers], self.base.ln_f, self.head()]
 
     def trunk(self, input_ids, attention_mask, position_ids, token_type_ids):
-        from transformers.masking_utils import create_causal_mask
-
         inputs_embeds = self.base.wte(input_ids)
-        mask = _call_mask_fn(create_causal_mask, self.config, inputs_embeds, attention_mask, position_ids)
+        mask = self.mask_calls["full_attention"](self.config, inputs_embeds, attention_mask, position_ids)
         if position_ids is None:
             position_ids = _default_position_ids(inputs_embeds)
         # Same order as GPT2Model.forward: token + position embeddings, then (optional) token types.
@@ -195,12 +204,10 @@ class _GPTNeoXAdapter(_Adapter):
                 self.base.final_layer_norm, self.head()]
 
     def trunk(self, input_ids, attention_mask, position_ids, token_type_ids):
-        from transformers.masking_utils import create_causal_mask
-
         if token_type_ids is not None:
             raise ValueError(f"{type(self.model).__name__} takes no token_type_ids")
         hidden = self.base.embed_in(input_ids)
-        mask = _call_mask_fn(create_causal_mask, self.config, hidden, attention_mask, position_ids)
+        mask = self.mask_calls["full_attention"](self.config, hidden, attention_mask, position_ids)
         if position_ids is None:
             position_ids = _default_position_ids(hidden)
         position_embeddings = self.base.rotary_emb(hidden, position_ids=position_ids)
