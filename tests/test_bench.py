@@ -237,3 +237,20 @@ def test_user_checkpoint_and_prepared_token_file(tmp_path, corpus, cache_dir, ca
 def test_prepare_only_prints_the_token_file(cache_dir, corpus, capsys):
     assert main(["bench", "--prepare-only", "--cache-dir", cache_dir]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == corpus.path
+
+
+def test_time_budget_and_max_wall(tmp_path, cache_dir, capsys):
+    timed = [a for a in TINY if a not in ("--token-budget", "128", "--eval-every", "64")]
+    out = str(tmp_path / "timed")
+    args = ["bench", "--configs", "standard", "random", "--ratios", "0.5", "--out", out, "--cache-dir", cache_dir,
+            "--eval-every", "0.25"] + timed
+    # a 60-second budget cannot fit in 5 seconds: nothing starts, the command says what is left
+    assert main(args + ["--time-budget", "60", "--max-wall", "5"]) == 0
+    assert "INCOMPLETE: 2 runs left" in capsys.readouterr().out
+    assert not os.listdir(os.path.join(out, "runs"))
+    assert main(args + ["--time-budget", "0.5"]) == 0
+    runs = _runs(out)
+    assert len(runs) == 2
+    for r in runs:
+        assert r["settings"]["budget_kind"] == "time" and r["train_time"] >= 0.5
+        assert len(r["curve"]) >= 2 and r["curve"][-1]["time"] == r["train_time"]

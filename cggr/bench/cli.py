@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--out", default="bench_out", help="output folder (runs/, summary.md, results.json, "
                                                       "curves.csv, val_loss_<regime>.png)")
     g.add_argument("--report-only", action="store_true", help="rewrite the reports from OUT/runs and exit")
+    g.add_argument("--max-wall", type=float, default=None,
+                   help="seconds this invocation may take: runs that would end later are left for the next "
+                        "identical invocation (finished runs in OUT are reused), e.g. under a 10-minute job limit")
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus", nargs="+", default=[D.EMBEDDED_DIR],
@@ -85,6 +88,7 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     def log(msg):
         print(msg, flush=True)
 
+    started = time.monotonic()  # --max-wall counts from here: data preparation included
     if args.report_only:
         for name, path in write_reports(args.out, log).items():
             log(f"report: {name}: {path}")
@@ -94,16 +98,20 @@ def run(args, parser: argparse.ArgumentParser) -> int:
         return 0
     from .runner import Bench
 
-    start = time.time()
+    deadline = None if args.max_wall is None else started + args.max_wall
+    left = 0
     for regime in args.regime:
         s = settings(regime)
         bench = Bench(s, corpus, log)
         log(f"== {regime}: {len(list(bench.plan()))} runs, {len(bench.train_rows)} training rows of "
             f"{s.seq_len + 1} tokens, model {bench.model_source.describe()}, settings {bench.hash}")
-        bench.run_all()
-        for name, path in write_reports(args.out, log).items():
-            log(f"report: {name}: {path}")
-    log(f"done in {time.time() - start:.0f} s")
+        written, regime_left = bench.run_all(deadline)
+        left += regime_left
+        if written:
+            for name, path in write_reports(args.out, log).items():
+                log(f"report: {name}: {path}")
+    log(f"{'INCOMPLETE: ' + str(left) + ' runs left (same command again to continue)' if left else 'done'} "
+        f"in {time.monotonic() - started:.0f} s")
     return 0
 
 

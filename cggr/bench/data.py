@@ -160,7 +160,7 @@ def prepare_corpus(paths: Sequence[str], tokenizer, cache_dir: str, doc_chars: i
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"  # written whole, then renamed: a killed run leaves no half file
-    np.savez(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)  # ~2.4x smaller (22M GPT-2 tokens: 20 MB), small enough to carry
     os.replace(tmp, path)
     log(f"tokens: wrote {path}")
     return load_token_file(path)

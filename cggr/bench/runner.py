@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -233,23 +234,57 @@ class Bench:
                 for ratio in (self.s.ratios if c.uses_ratio else [None]):
                     yield seed, name, ratio
 
-    def run_all(self) -> List[str]:
-        written = []
+    def run_all(self, deadline: Optional[float] = None):
+        """Run what OUT does not hold yet, in plan order; returns (run files, number of runs left).
+
+        With ``deadline`` (a ``time.monotonic()`` value, from ``--max-wall``) a run that would probably end
+        after it is not started: it and the runs after it are left for the next identical invocation. The
+        estimate is the longest run so far in this invocation, or 1.3 x the time budget + 30 s before the
+        first (a token budget has no estimate: the first run always starts), plus a seed's stage-1 or
+        reference training when that still has to happen.
+        """
+        written, plan = [], list(self.plan())
         prepared: Dict[int, dict] = {}
-        for seed, name, ratio in self.plan():
+        longest = None
+        for i, (seed, name, ratio) in enumerate(plan):
             path = os.path.join(self.runs_dir, run_name(self.s.regime, name, ratio, seed) + ".json")
             if os.path.exists(path):
                 self.log(f"{os.path.basename(path)}: done earlier, reused")
                 written.append(path)
                 continue
+            if deadline is not None:
+                estimate = longest if longest is not None else self._estimate(self.s.budget)
+                if seed not in prepared:
+                    estimate += self._prepare_estimate(seed)
+                if time.monotonic() + estimate > deadline:
+                    left = sum(not os.path.exists(os.path.join(self.runs_dir, run_name(self.s.regime, n, r, sd) + ".json"))
+                               for sd, n, r in plan[i:])
+                    self.log(f"{self.s.regime}: --max-wall reached: {left} runs left; run the same command again "
+                             "to continue")
+                    return written, left
             if seed not in prepared:
                 prepared[seed] = self._prepare(seed)
+            start = time.monotonic()
             record = self._run_one(seed, name, ratio, prepared[seed])
+            longest = max(longest or 0.0, time.monotonic() - start)
             with open(path + ".tmp", "w") as f:
                 json.dump(record, f, indent=1)
             os.replace(path + ".tmp", path)
             written.append(path)
-        return written
+        return written, 0
+
+    def _estimate(self, budget: Optional[float]) -> float:
+        amount = self.s.budget if budget is None else budget
+        return 1.3 * amount + 30.0 if self.s.budget_kind == "time" else 0.0
+
+    def _prepare_estimate(self, seed: int) -> float:
+        if self.s.regime == "finetune" and not self.s.init_checkpoint and not os.path.exists(
+                os.path.join(self.s.cache_dir, "init", f"{self.hash}-s{seed}", "config.json")):
+            return self._estimate(self.s.init_budget)
+        if self.s.regime == "target" and not os.path.exists(
+                os.path.join(self.s.cache_dir, "reference", f"{self.hash}-s{seed}.npy")):
+            return self._estimate(self.s.reference_budget) + 30.0  # + the pool NLL pass
+        return 0.0
 
     def _prepare(self, seed: int) -> dict:
         if self.s.regime == "finetune":
