@@ -99,8 +99,10 @@ def sweep_configs(V, dtype):
                 if 8 <= block_v // (32 * warps) <= 32:
                     for lane_sums in (False, True):
                         for branch_top2 in (False, True):
-                            configs.append(dict(block_n=1, block_v=block_v, num_warps=warps, num_stages=None,
-                                                lane_sums=lane_sums, branch_top2=branch_top2))
+                            for prefetch in (False, True):
+                                configs.append(dict(block_n=1, block_v=block_v, num_warps=warps, num_stages=None,
+                                                    lane_sums=lane_sums, branch_top2=branch_top2,
+                                                    prefetch=prefetch))
         for stages in (1, 2, 3):
             configs.append(dict(base, num_stages=stages))
     else:
@@ -116,7 +118,8 @@ def run_sweep(rot, V, dtype, floor_ms):
     rows = []
     for cfg in sweep_configs(V, dtype):
         label = (f"N{cfg['block_n']} V{cfg['block_v']} w{cfg['num_warps']} s{cfg['num_stages'] or '-'}"
-                 f"{' lane_sums' if cfg['lane_sums'] else ''}{' branch_top2' if cfg['branch_top2'] else ''}")
+                 f"{' lane_sums' if cfg['lane_sums'] else ''}{' branch_top2' if cfg['branch_top2'] else ''}"
+                 f"{' prefetch' if cfg.get('prefetch') else ''}")
         try:
             out = launch_token_stats(x0, t0, -100, **cfg)
             torch.cuda.synchronize()

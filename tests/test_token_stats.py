@@ -82,6 +82,8 @@ CASES = [
     (4099, {"block_v": 512, "block_n": 2, "lane_sums": True, "branch_top2": False}),
     (4099, {"block_v": 256, "block_n": 4, "branch_top2": True}),
     (20000, {"block_v": 1024, "lane_sums": True, "branch_top2": True}),
+    (20000, {"block_v": 1024, "branch_top2": True, "prefetch": True}),
+    (4099, {"block_v": 512, "block_n": 2, "lane_sums": True, "branch_top2": False, "prefetch": True}),
     (20000, {}),
 ]
 

@@ -49,6 +49,7 @@ def _token_stats_kernel(
     BLOCK_V: tl.constexpr,
     LANE_SUMS: tl.constexpr,
     BRANCH_TOP2: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,10 +71,20 @@ def _token_stats_kernel(
         s_lane = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
         t_lane = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
 
+    if PREFETCH:
+        x_next = tl.load(row_base[:, None] + cols0[None, :], mask=row_ok[:, None] & (cols0 < V)[None, :],
+                         other=float("-inf"))
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + cols0
-        ld_mask = row_ok[:, None] & (cols < V)[None, :]
-        x = tl.load(row_base[:, None] + cols[None, :], mask=ld_mask, other=float("-inf")).to(tl.float32)
+        if PREFETCH:
+            # software pipelining by hand: the next chunk's loads are in flight while this one is reduced
+            x = x_next.to(tl.float32)
+            cols_next = v0 + BLOCK_V + cols0
+            x_next = tl.load(row_base[:, None] + cols_next[None, :],
+                             mask=row_ok[:, None] & (cols_next < V)[None, :], other=float("-inf"))
+        else:
+            cols = v0 + cols0
+            ld_mask = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(row_base[:, None] + cols[None, :], mask=ld_mask, other=float("-inf")).to(tl.float32)
         block_max = tl.max(x, axis=1)
         if BRANCH_TOP2:
             # the chunk's own top-2 is needed only when it holds a value above the running second;
@@ -169,14 +180,15 @@ def _check_runnable(t):
 
 
 def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=None, block_v=None,
-                       num_warps=None, num_stages=None, lane_sums=None, branch_top2=None):
+                       num_warps=None, num_stages=None, lane_sums=None, branch_top2=None, prefetch=None):
     """Run the token_stats kernel: logits [N, V] (stride(1) == 1), targets [N] int64/int32 -> [5, N] fp32.
 
     No argument checking beyond what the kernel needs to be memory safe (the op layer checks dtypes and
     shapes). Every keyword left None comes from the table in token_stats_config;
     lane_sums=True selects the variant that keeps the softmax sums per lane (reduced once per row);
     branch_top2=True tracks the top-2 per row, computing a chunk's top-2 only when it can matter,
-    instead of per lane (three min/max per element).
+    instead of per lane (three min/max per element); prefetch=True issues the next chunk's loads before
+    reducing the current one (hand-written software pipelining, one more chunk of registers).
     """
     _check_runnable(logits)
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -199,6 +211,7 @@ def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=
     num_warps = num_warps or cfg["num_warps"]
     lane_sums = cfg["lane_sums"] if lane_sums is None else lane_sums
     branch_top2 = cfg["branch_top2"] if branch_top2 is None else branch_top2
+    prefetch = cfg.get("prefetch", False) if prefetch is None else prefetch
     if block_n & (block_n - 1) or block_v & (block_v - 1):
         raise ValueError(f"block_n and block_v must be powers of two, got {block_n} and {block_v}")
     extra = {} if num_stages is None else {"num_stages": num_stages}
@@ -206,6 +219,6 @@ def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=
     _token_stats_kernel[grid](
         logits, targets, out, N, V, logits.stride(0), ignore_index,
         BLOCK_N=block_n, BLOCK_V=block_v, LANE_SUMS=bool(lane_sums),
-        BRANCH_TOP2=bool(branch_top2), num_warps=num_warps, **extra,
+        BRANCH_TOP2=bool(branch_top2), PREFETCH=bool(prefetch), num_warps=num_warps, **extra,
     )
     return out
