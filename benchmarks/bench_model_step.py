@@ -220,7 +220,9 @@ def variant_specs(args, v050):
                     specs.append({"kind": "cggr", "ratio": ratio, "compile": scope, "loss_impl": loss_impl})
                 if "random" in args.variants and scope != "router":
                     specs.append({"kind": "random", "ratio": ratio, "compile": scope, "loss_impl": loss_impl})
-        if "v050" in args.variants and v050 is not None:
+    # The comparator runs last: if it fails on this transformers/torch, our numbers are already written.
+    if "v050" in args.variants and v050 is not None:
+        for ratio in args.ratios:
             specs.append({"kind": "v050", "ratio": ratio, "compile": "none", "loss_impl": "model"})
     return specs
 
@@ -316,23 +318,10 @@ def main(argv=None):
         rows.append(row)
         print(f"[bench_model_step] {name_of(row)}: {row['step_ms']:.2f} ms (rows {row.get('rows')})",
               file=sys.stderr, flush=True)
+        write_json(args, rows, batch, fallback_note, n_params)  # partial results survive a later failure
         i += 1
 
-    standard = {r["compile"]: r for r in rows if r["kind"] == "standard"}
-    eager_standard = standard.get("none")
-    v050_rows = {r["ratio"]: r for r in rows if r["kind"] == "v050"}
-    for r in rows:
-        r["name"] = name_of(r)
-        r["speedup_vs_standard"] = eager_standard["step_ms"] / r["step_ms"] if eager_standard else None
-        same = standard.get(r["compile"]) or standard.get("model" if r["compile"] == "all" else None)
-        r["speedup_vs_standard_same_compile"] = same["step_ms"] / r["step_ms"] if same else None
-        ref = v050_rows.get(r["ratio"])
-        r["speedup_vs_v050"] = ref["step_ms"] / r["step_ms"] if ref and r["kind"] == "cggr" else None
-
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    header = (f"SmolLM-135M architecture ({n_params / 1e6:.1f}M params{', TINY' if args.tiny else ''}), bf16, "
-              f"batch {batch} x {args.seq}, AdamW(fused), {device_name}, torch {torch.__version__}, "
-              f"transformers {tf.__version__}")
+    header = write_json(args, rows, batch, fallback_note, n_params)
     print(f"\n{header}")
     if fallback_note:
         print(f"note: {fallback_note}")
@@ -359,16 +348,35 @@ def main(argv=None):
     if goals:
         print("\n" + "\n".join(goals))
 
+    print(f"\nwrote {os.path.join(args.out, 'model_step.json')}")
+
+
+def write_json(args, rows, batch, fallback_note, n_params):
+    """Fill in the derived columns of every row so far and (re)write OUT/model_step.json; returns the header."""
+    standard = {r["compile"]: r for r in rows if r["kind"] == "standard"}
+    eager_standard = standard.get("none")
+    v050_rows = {r["ratio"]: r for r in rows if r["kind"] == "v050"}
+    for r in rows:
+        r["name"] = name_of(r)
+        r["speedup_vs_standard"] = eager_standard["step_ms"] / r["step_ms"] if eager_standard else None
+        same = standard.get(r["compile"]) or standard.get("model" if r["compile"] == "all" else None)
+        r["speedup_vs_standard_same_compile"] = same["step_ms"] / r["step_ms"] if same else None
+        ref = v050_rows.get(r["ratio"])
+        r["speedup_vs_v050"] = ref["step_ms"] / r["step_ms"] if ref and r["kind"] == "cggr" else None
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = (f"SmolLM-135M architecture ({n_params / 1e6:.1f}M params{', TINY' if args.tiny else ''}), bf16, "
+              f"batch {batch} x {args.seq}, AdamW(fused), {device_name}, torch {torch.__version__}, "
+              f"transformers {tf.__version__}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model_step.json")
-    with open(path, "w") as f:
+    with open(os.path.join(args.out, "model_step.json"), "w") as f:
         json.dump({"header": header, "device": device_name, "torch": torch.__version__,
                    "transformers": tf.__version__, "params": n_params, "batch": batch, "seq": args.seq,
                    "requested_batch": args.batch, "fallback": fallback_note, "args": {
                        k: v for k, v in vars(args).items() if k != "compile_options"},
                    "expected_rows": {str(r): rows_for_ratio(r, batch) for r in args.ratios},
                    "results": rows}, f, indent=1)
-    print(f"\nwrote {path}")
+    return header
 
 
 if __name__ == "__main__":
