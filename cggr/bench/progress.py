@@ -15,6 +15,7 @@ class Progress:
         self.done = 0.0
         self.note_text = ""
         self._next_line = 0.1
+        self._printed = None
         self._bar = None
         if _tqdm is not None and getattr(self.stream, "isatty", lambda: False)():
             self._bar = _tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True,
@@ -37,6 +38,7 @@ class Progress:
             self._bar.set_postfix_str(text, refresh=False)
 
     def _print(self):
+        self._printed = self.done
         pct = min(100.0, 100.0 * self.done / self.total)
         print(f"{self.label}: {pct:3.0f}% {self.done:,.0f}/{self.total:,.0f} {self.unit} {self.note_text}",
               file=self.stream, flush=True)
@@ -44,5 +46,5 @@ class Progress:
     def close(self):
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif self._printed != self.done:  # the last line already says 100%
             self._print()

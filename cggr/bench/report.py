@@ -20,6 +20,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+_SAID_NO_MATPLOTLIB = False
+
 
 def load_runs(out: str) -> List[dict]:
     runs_dir = os.path.join(out, "runs")
@@ -168,7 +170,10 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
     try:
         import matplotlib
     except ImportError:
-        log("report: matplotlib is not installed: no plots (table, JSON and CSV are written)")
+        global _SAID_NO_MATPLOTLIB
+        if not _SAID_NO_MATPLOTLIB:  # once per process, however many reports are written
+            log("report: matplotlib is not installed: no plots (table, JSON and CSV are written)")
+            _SAID_NO_MATPLOTLIB = True
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
