@@ -30,6 +30,9 @@ constexpr int kSegmentThreads = 512;              // one block per segment
 constexpr int64_t kSmallN = 16384;                // at most this many elements: one-block top-k
 constexpr int kMaxBins = 2048;
 constexpr int kMaxPasses = 3;
+constexpr int kUnroll = 4;                        // histogram loads in flight per thread
+constexpr int kSegmentCache = 32;                 // keys per thread held in registers (segment kernel)
+static_assert(kSmallN <= int64_t{kSegmentThreads} * kSegmentCache, "one-block top-k must fit the key cache");
 
 // --- scores ---------------------------------------------------------------------------------------
 template <ScoreType T>
@@ -210,14 +213,25 @@ __global__ void __launch_bounds__(kThreads) radix_hist_kernel(const void* __rest
   const unsigned prefix = pass > 0 ? st->prefix : 0u;
   const int high = shift + bits;  // < 32 when pass > 0
   unsigned long long n_valid = 0;
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const uint32_t key = key_at<T>(scores, valid, i);
-    if (pass == 0) {
-      n_valid += key != kInvalidKey;
-      atomicAdd(&hist[key >> shift], 1u);
-    } else if ((key >> high) == prefix) {
-      atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
+  // kUnroll loads in flight per thread before their shared-memory atomics.
+  const int64_t step = int64_t{gridDim.x} * blockDim.x * kUnroll;
+  for (int64_t i0 = int64_t{blockIdx.x} * blockDim.x * kUnroll + threadIdx.x; i0 < n; i0 += step) {
+    uint32_t keys[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + int64_t{u} * blockDim.x;
+      keys[u] = i < n ? key_at<T>(scores, valid, i) : kInvalidKey;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (i0 + int64_t{u} * blockDim.x >= n) break;
+      const uint32_t key = keys[u];
+      if (pass == 0) {
+        n_valid += key != kInvalidKey;
+        atomicAdd(&hist[key >> shift], 1u);
+      } else if ((key >> high) == prefix) {
+        atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
+      }
     }
   }
   if (pass == 0) {
@@ -310,7 +324,8 @@ __global__ void __launch_bounds__(kThreads) topk_write_kernel(const void* __rest
 // --- one block per segment (small inputs, per-row minimums) -------------------------------------
 // Selects within segment s = blockIdx.x, i.e. [s * len, (s + 1) * len): the top quota keys, where
 // quota = min(fixed_quota, n_valid) when fixed_quota >= 0, else the ratio quota. With or_into the
-// selection is ORed into the mask, else the segment's mask is overwritten.
+// selection is ORed into the mask, else the segment's mask is overwritten. Segments of at most
+// kSegmentThreads * kSegmentCache elements are read once and kept in registers.
 template <ScoreType T>
 __global__ void __launch_bounds__(kSegmentThreads) segment_topk_kernel(const void* __restrict__ scores,
                                                                        const bool* __restrict__ valid, int64_t len,
@@ -324,6 +339,28 @@ __global__ void __launch_bounds__(kSegmentThreads) segment_topk_kernel(const voi
   __shared__ unsigned prefix, s_digit;
 
   const int64_t base = int64_t{blockIdx.x} * len;
+  const bool cached = len <= int64_t{kSegmentCache} * blockDim.x;
+  uint32_t keys[kSegmentCache];
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < kSegmentCache; ++c) {
+      const int64_t i = int64_t{c} * blockDim.x + threadIdx.x;
+      keys[c] = i < len ? key_at<T>(scores, valid, base + i) : kInvalidKey;
+    }
+  }
+  // Calls f(i, key) for every element i of the segment that this thread owns (i = tid + j * blockDim).
+  auto for_each_key = [&](auto&& f) {
+    if (cached) {
+#pragma unroll
+      for (int c = 0; c < kSegmentCache; ++c) {
+        const int64_t i = int64_t{c} * blockDim.x + threadIdx.x;
+        if (i < len) f(i, keys[c]);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) f(i, key_at<T>(scores, valid, base + i));
+    }
+  };
+
   if (threadIdx.x == 0) prefix = 0;
   for (int p = 0; p < passes.count; ++p) {
     const int shift = passes.shift[p], bits = passes.bits[p], bins = 1 << bits;
@@ -332,15 +369,14 @@ __global__ void __launch_bounds__(kSegmentThreads) segment_topk_kernel(const voi
     const unsigned pre = prefix;
     const int high = shift + bits;
     unsigned long long n_valid = 0;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      const uint32_t key = key_at<T>(scores, valid, base + i);
+    for_each_key([&](int64_t, uint32_t key) {
       if (p == 0) {
         n_valid += key != kInvalidKey;
         atomicAdd(&hist[key >> shift], 1ull);
       } else if ((key >> high) == pre) {
         atomicAdd(&hist[(key >> shift) & (bins - 1)], 1ull);
       }
-    }
+    });
     if (p == 0) {
       unsigned long long total;
       block_exclusive_sum(n_valid, scratch, &total);
@@ -370,28 +406,37 @@ __global__ void __launch_bounds__(kSegmentThreads) segment_topk_kernel(const voi
   const int shift = passes.shift[passes.count - 1];
   const unsigned threshold = prefix;
   const unsigned long long need = k_rem;
-  const bool all_ties = need == s_count;
-  unsigned long long before = 0;
-  for (int64_t start = 0; start < len; start += blockDim.x) {
-    const int64_t i = start + threadIdx.x;
-    uint32_t key = 0;
-    if (i < len) key = key_at<T>(scores, valid, base + i) >> shift;
-    const bool eq = i < len && key == threshold;
-    bool selected = i < len && key > threshold;
-    if (all_ties) {
-      selected |= eq;
-    } else {
-      int row_total;
-      const int rank = block_flag_rank(eq, warp_counts, &row_total);
-      selected |= eq && before + rank < need;
-      before += row_total;
+  const auto store = [&](int64_t i, bool selected) {
+    if (!or_into) {
+      mask[base + i] = selected;
+    } else if (selected) {
+      mask[base + i] = true;
     }
-    if (i < len) {
-      if (!or_into) {
-        mask[base + i] = selected;
-      } else if (selected) {
-        mask[base + i] = true;
-      }
+  };
+  if (need == s_count) {  // every key equal to the threshold is selected: no ranking needed
+    for_each_key([&](int64_t i, uint32_t key) { store(i, (key >> shift) >= threshold); });
+    return;
+  }
+  // Ties straddle the threshold: walk rows of blockDim elements in index order, ranking equal keys.
+  unsigned long long before = 0;
+  const auto row = [&](int64_t i, uint32_t key) {
+    const bool in = i < len;
+    const bool eq = in && (key >> shift) == threshold;
+    int row_total;
+    const int rank = block_flag_rank(eq, warp_counts, &row_total);
+    if (in) store(i, (key >> shift) > threshold || (eq && before + rank < need));
+    before += row_total;
+  };
+  if (cached) {
+#pragma unroll
+    for (int c = 0; c < kSegmentCache; ++c) {
+      if (int64_t{c} * blockDim.x >= len) break;  // uniform across the block
+      row(int64_t{c} * blockDim.x + threadIdx.x, keys[c]);
+    }
+  } else {
+    for (int64_t start = 0; start < len; start += blockDim.x) {
+      const int64_t i = start + threadIdx.x;
+      row(i, i < len ? key_at<T>(scores, valid, base + i) : kInvalidKey);
     }
   }
 }
@@ -478,14 +523,21 @@ struct StratifiedLayout {
   size_t keys_in, keys_out, index_in, index_out, sort_in, sort_out, quota, n_valid, temp, temp_bytes, total;
 };
 
-StratifiedLayout stratified_layout(int64_t n, int64_t strata) {
-  size_t rank_temp = 0, order_temp = 0;
+// Bits of the keys that the rank sort must look at: below the last radix digit keys of 16-bit
+// dtypes are constant (see passes_for).
+int rank_begin_bit(ScoreType type) {
+  const Passes passes = passes_for(type);
+  return passes.shift[passes.count - 1];
+}
+
+StratifiedLayout stratified_layout(int64_t n, int64_t strata, ScoreType type) {
+  size_t rank_temp = 0, order_temp = 0;  // size queries only: no work is launched
   cub::DeviceRadixSort::SortPairsDescending(nullptr, rank_temp, static_cast<const uint32_t*>(nullptr),
                                             static_cast<uint32_t*>(nullptr), static_cast<const int64_t*>(nullptr),
-                                            static_cast<int64_t*>(nullptr), n);
+                                            static_cast<int64_t*>(nullptr), n, rank_begin_bit(type), 32);
   cub::DeviceRadixSort::SortPairs(nullptr, order_temp, static_cast<const uint64_t*>(nullptr),
                                   static_cast<uint64_t*>(nullptr), static_cast<const int64_t*>(nullptr),
-                                  static_cast<int64_t*>(nullptr), n);
+                                  static_cast<int64_t*>(nullptr), n, 0, 64);
   StratifiedLayout l;
   size_t at = 0;
   auto take = [&](size_t bytes) {
@@ -511,7 +563,7 @@ StratifiedLayout stratified_layout(int64_t n, int64_t strata) {
 template <ScoreType T>
 cudaError_t launch_stratified(const void* scores, const bool* valid, int64_t n, Ratio ratio, int64_t strata,
                               uint64_t seed, bool* mask, void* workspace, int sm_count, cudaStream_t stream) {
-  const StratifiedLayout l = stratified_layout(n, strata);
+  const StratifiedLayout l = stratified_layout(n, strata, T);
   char* ws = static_cast<char*>(workspace);
   auto* keys_in = reinterpret_cast<uint32_t*>(ws + l.keys_in);
   auto* keys_out = reinterpret_cast<uint32_t*>(ws + l.keys_out);
@@ -528,11 +580,9 @@ cudaError_t launch_stratified(const void* scores, const bool* valid, int64_t n, 
   const int64_t wanted = (n + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(wanted < 8 * int64_t{sm_count} ? wanted : 8 * int64_t{sm_count});
   stratified_keys_kernel<T><<<grid, kThreads, 0, stream>>>(scores, valid, n, keys_in, index_in, n_valid);
-  // Rank order: key descending, index ascending (the radix sort is stable). Bits below the last
-  // radix digit are constant for 16-bit dtypes and need no sorting.
-  const Passes passes = passes_for(T);
+  // Rank order: key descending, index ascending (the radix sort is stable).
   err = cub::DeviceRadixSort::SortPairsDescending(ws + l.temp, temp_bytes, keys_in, keys_out, index_in, index_out, n,
-                                                  passes.shift[passes.count - 1], 32, stream);
+                                                  rank_begin_bit(T), 32, stream);
   if (err != cudaSuccess) return err;
   stratum_quota_kernel<<<1, 1, 0, stream>>>(n_valid, ratio, strata, quota);
   stratified_sort_key_kernel<<<grid, kThreads, 0, stream>>>(index_out, n, n_valid, strata, seed,
@@ -628,15 +678,15 @@ cudaError_t sequence_aware(const void* scores, ScoreType type, const bool* valid
                       sm_count, stream)
 }
 
-size_t stratified_workspace_bytes(int64_t n, int64_t num_strata) {
-  return n == 0 ? 0 : stratified_layout(n, num_strata).total;
+size_t stratified_workspace_bytes(int64_t n, int64_t num_strata, ScoreType type) {
+  return n == 0 ? 0 : stratified_layout(n, num_strata, type).total;
 }
 
 cudaError_t stratified(const void* scores, ScoreType type, const bool* valid, int64_t n, Ratio ratio,
                        int64_t num_strata, uint64_t seed, bool* mask, void* workspace, size_t workspace_bytes,
                        int sm_count, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (workspace_bytes < stratified_layout(n, num_strata).total) return cudaErrorInvalidValue;
+  if (workspace_bytes < stratified_layout(n, num_strata, type).total) return cudaErrorInvalidValue;
   CGGR_DISPATCH_SCORE(type, launch_stratified, scores, valid, n, ratio, num_strata, seed, mask, workspace,
                       sm_count, stream)
 }

@@ -31,7 +31,7 @@ cudaError_t sequence_aware(const void* scores, ScoreType type, const bool* valid
                            cudaStream_t stream);
 
 // select_stratified: `mask` must be zero-filled; only selected entries are written.
-size_t stratified_workspace_bytes(int64_t n, int64_t num_strata);
+size_t stratified_workspace_bytes(int64_t n, int64_t num_strata, ScoreType type);
 cudaError_t stratified(const void* scores, ScoreType type, const bool* valid, int64_t n, Ratio ratio,
                        int64_t num_strata, uint64_t seed, bool* mask, void* workspace, size_t workspace_bytes,
                        int sm_count, cudaStream_t stream);

@@ -98,7 +98,7 @@ at::Tensor select_stratified_cuda(const at::Tensor& scores, const std::optional<
   const Prepared in = prepare(scores, valid, ratio, "select_stratified");
   const int64_t n = in.scores.numel();
   at::Tensor mask = at::zeros(scores.sizes(), scores.options().dtype(at::kBool));
-  const size_t bytes = cuda::stratified_workspace_bytes(n, num_strata);
+  const size_t bytes = cuda::stratified_workspace_bytes(n, num_strata, score_type(scores));
   const at::Tensor ws = workspace(bytes, in.scores);
   C10_CUDA_CHECK(cuda::stratified(in.scores.const_data_ptr(), score_type(scores), valid_ptr(in), n, in.ratio,
                                   num_strata, static_cast<uint64_t>(seed), mask.mutable_data_ptr<bool>(),
