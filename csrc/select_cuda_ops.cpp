@@ -65,8 +65,8 @@ int sm_count() {
 }
 
 at::Tensor select_topk_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& valid, const at::Tensor& ratio) {
+  const Prepared in = prepare(scores, valid, ratio, "select_topk");  // checks devices before the guard
   const c10::cuda::CUDAGuard guard(scores.device());
-  const Prepared in = prepare(scores, valid, ratio, "select_topk");
   const int64_t n = in.scores.numel();
   at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const at::Tensor ws = workspace(cuda::topk_workspace_bytes(n), in.scores);
@@ -81,8 +81,8 @@ at::Tensor select_sequence_aware_cuda(const at::Tensor& scores, const std::optio
   check_min_tokens(scores, min_tokens);
   TORCH_CHECK(scores.size(0) <= std::numeric_limits<int32_t>::max(),
               "cggr.select_sequence_aware: at most 2^31 - 1 rows on CUDA, got ", scores.size(0));
+  const Prepared in = prepare(scores, valid, ratio, "select_sequence_aware");  // checks devices before the guard
   const c10::cuda::CUDAGuard guard(scores.device());
-  const Prepared in = prepare(scores, valid, ratio, "select_sequence_aware");
   at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
   const at::Tensor ws = workspace(cuda::topk_workspace_bytes(in.scores.numel()), in.scores);
   C10_CUDA_CHECK(cuda::sequence_aware(in.scores.const_data_ptr(), score_type(scores), valid_ptr(in), scores.size(0),
@@ -94,8 +94,8 @@ at::Tensor select_sequence_aware_cuda(const at::Tensor& scores, const std::optio
 at::Tensor select_stratified_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& valid,
                                   const at::Tensor& ratio, int64_t num_strata, int64_t seed) {
   check_num_strata(num_strata);
+  const Prepared in = prepare(scores, valid, ratio, "select_stratified");  // checks devices before the guard
   const c10::cuda::CUDAGuard guard(scores.device());
-  const Prepared in = prepare(scores, valid, ratio, "select_stratified");
   const int64_t n = in.scores.numel();
   at::Tensor mask = at::zeros(scores.sizes(), scores.options().dtype(at::kBool));
   const size_t bytes = cuda::stratified_workspace_bytes(n, num_strata, score_type(scores));
