@@ -165,7 +165,9 @@ def test_selective_ce_backward_real_sizes(dtype, weighted):
     for r0 in range(0, sel.numel(), 128):
         rows = sel[r0:r0 + 128]
         ref = reference_grad_rows(logits, targets, rows, 1.0 / 512, weight)
-        torch.testing.assert_close(grad[rows].double(), ref.to(dtype).double(), rtol=rtol, atol=1e-9)
+        # float16 gradients this small (1/512 scale) are subnormal: allow one subnormal step absolute
+        atol = 2**-24 if dtype == torch.float16 else 1e-9
+        torch.testing.assert_close(grad[rows].double(), ref.to(dtype).double(), rtol=rtol, atol=atol)
 
 
 def test_backward_matches_cpu_implementation():
