@@ -4,10 +4,11 @@ import importlib
 import torch  # noqa: F401  (loads libtorch before the extension module)
 
 from . import _C  # noqa: F401  (registers the C++ ops torch.ops.cggr.*)
+from . import ops  # noqa: F401  (fake kernels of the C++ ops; the Triton-backed ops)
 
 __version__ = "0.6.0.dev0"
 
-# Public names, imported on first use so that `import cggr` stays light (no transformers, no Triton).
+# Public names, imported on first use so that `import cggr` stays light (transformers only when needed).
 _EXPORTS = {
     "CGGRLoss": "loss",
     "CGGRModel": "model",
