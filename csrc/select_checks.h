@@ -5,9 +5,22 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+
 #include "select_common.h"
 
 namespace cggr {
+
+// "[2, 3]" built by hand: streaming an IntArrayRef inside TORCH_CHECK crashed (SIGSEGV) in an
+// extension built against torch 2.11 on the GPU machine, while the same source ran under torch 2.14.
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
 
 inline void check_scores(const at::Tensor& scores, const char* op) {
   const auto t = scores.scalar_type();
@@ -19,7 +32,7 @@ inline void check_scores(const at::Tensor& scores, const char* op) {
 inline bool check_valid_and_ratio(const at::Tensor& scores, const std::optional<at::Tensor>& valid,
                                   const at::Tensor& ratio, const char* op) {
   TORCH_CHECK(ratio.dim() == 0, "cggr.", op, ": ratio must be a 0-dim float32 tensor, got shape ",
-              ratio.sizes());
+              shape_str(ratio.sizes()));
   TORCH_CHECK(ratio.scalar_type() == at::kFloat, "cggr.", op, ": ratio must be a 0-dim float32 tensor, got dtype ",
               ratio.scalar_type());
   TORCH_CHECK(ratio.device().is_cpu() || ratio.device() == scores.device(), "cggr.", op,
@@ -28,8 +41,8 @@ inline bool check_valid_and_ratio(const at::Tensor& scores, const std::optional<
   const at::Tensor& v = *valid;
   TORCH_CHECK(v.scalar_type() == at::kBool, "cggr.", op, ": valid must be a bool tensor, got dtype ",
               v.scalar_type());
-  TORCH_CHECK(v.sizes() == scores.sizes(), "cggr.", op, ": valid must have scores' shape ", scores.sizes(),
-              ", got ", v.sizes());
+  TORCH_CHECK(v.sizes() == scores.sizes(), "cggr.", op, ": valid must have scores' shape ", shape_str(scores.sizes()),
+              ", got ", shape_str(v.sizes()));
   TORCH_CHECK(v.device() == scores.device(), "cggr.", op, ": valid must be on scores' device (", scores.device(),
               "), got ", v.device());
   return true;
@@ -42,7 +55,7 @@ inline void check_num_strata(int64_t num_strata) {
 
 inline void check_min_tokens(const at::Tensor& scores, int64_t min_tokens) {
   TORCH_CHECK(scores.dim() == 2, "cggr.select_sequence_aware: scores must be 2-D [batch, seq], got shape ",
-              scores.sizes());
+              shape_str(scores.sizes()));
   TORCH_CHECK(min_tokens >= 0, "cggr.select_sequence_aware: min_tokens_per_sequence must be >= 0, got ",
               min_tokens);
 }

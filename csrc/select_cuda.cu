@@ -193,6 +193,18 @@ struct RadixState {
 size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
 int64_t num_tiles(int64_t n) { return (n + kTile - 1) / kTile; }
 
+// Scores that cluster (entropy, loss: most keys share their high bits) send many lanes of a warp to
+// one histogram bin; shared-memory atomics on one address serialise, which made select_topk on real
+// entropies ~6x slower than on random scores. One atomic per distinct bin per warp instead.
+template <typename C>
+__device__ __forceinline__ void warp_aggregated_add(C* hist, unsigned bin) {
+  const unsigned peers = __match_any_sync(__activemask(), bin);
+  if ((threadIdx.x & 31u) == static_cast<unsigned>(__ffs(peers) - 1)) {
+    atomicAdd(&hist[bin], static_cast<C>(__popc(peers)));
+  }
+}
+
+
 template <ScoreType T>
 __global__ void __launch_bounds__(kThreads) radix_hist_kernel(const void* __restrict__ scores,
                                                               const bool* __restrict__ valid, int64_t n, int pass,
@@ -228,9 +240,9 @@ __global__ void __launch_bounds__(kThreads) radix_hist_kernel(const void* __rest
       const uint32_t key = keys[u];
       if (pass == 0) {
         n_valid += key != kInvalidKey;
-        atomicAdd(&hist[key >> shift], 1u);
+        warp_aggregated_add(hist, key >> shift);
       } else if ((key >> high) == prefix) {
-        atomicAdd(&hist[(key >> shift) & (bins - 1)], 1u);
+        warp_aggregated_add(hist, (key >> shift) & (bins - 1));
       }
     }
   }
@@ -372,9 +384,9 @@ __global__ void __launch_bounds__(kSegmentThreads) segment_topk_kernel(const voi
     for_each_key([&](int64_t, uint32_t key) {
       if (p == 0) {
         n_valid += key != kInvalidKey;
-        atomicAdd(&hist[key >> shift], 1ull);
+        warp_aggregated_add(hist, key >> shift);
       } else if ((key >> high) == pre) {
-        atomicAdd(&hist[(key >> shift) & (bins - 1)], 1ull);
+        warp_aggregated_add(hist, (key >> shift) & (bins - 1));
       }
     });
     if (p == 0) {
