@@ -80,7 +80,8 @@ at::Tensor select_sequence_aware_cuda(const at::Tensor& scores, const std::optio
                                       const at::Tensor& ratio, int64_t min_tokens) {
   check_min_tokens(scores, min_tokens);
   TORCH_CHECK(scores.size(0) <= std::numeric_limits<int32_t>::max(),
-              "cggr.select_sequence_aware: at most 2^31 - 1 rows on CUDA, got ", scores.size(0));
+              "cggr.select_sequence_aware: at most 2^31 - 1 rows on CUDA, got ",
+              std::to_string(scores.size(0)));
   const Prepared in = prepare(scores, valid, ratio, "select_sequence_aware");  // checks devices before the guard
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor mask = at::empty(scores.sizes(), scores.options().dtype(at::kBool));
