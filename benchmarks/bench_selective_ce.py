@@ -28,7 +28,8 @@ from cggr.triton_kernels.selective_ce_backward import launch_selective_ce_backwa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_token_stats import (  # noqa: E402
     DTYPES, Rotating, bench_ms, copy_bandwidth_tbs, environment, make_logits, markdown_table)
-from benchmarks.comparators import load_liger  # noqa: E402
+from benchmarks.comparators import load_cggr_v050, load_liger  # noqa: E402
+from cggr import CGGRLoss  # noqa: E402
 
 
 def topk_mask_fn():
@@ -123,6 +124,20 @@ def main(argv=None):
             "F.cross_entropy bf16 fwd+bwd": (cross_entropy_bf16, leaves),
             "F.cross_entropy fp32-upcast fwd+bwd": (cross_entropy_fp32, leaves),
         }
+        module = CGGRLoss(min_tokens_ratio=ratio, warmup_steps=0, validate_targets=False)
+
+        def cggr_module():
+            x, t = rot.next()
+            module(x, t).backward()
+        timings["CGGRLoss module fwd+bwd (combined, dynamic threshold)"] = (cggr_module, leaves)
+        v050 = load_cggr_v050()
+        if v050 is not None:
+            v050_loss = v050.CGGRLoss(min_tokens_ratio=ratio, warmup_steps=0)
+
+            def v050_fwd_bwd():
+                x, t = rot.next()
+                v050_loss(x, t).backward()
+            timings["cggr==0.5.0 CGGRLoss fwd+bwd"] = (v050_fwd_bwd, leaves)
         if liger is not None:
             liger_loss = liger.LigerCrossEntropyLoss()
 

@@ -27,6 +27,10 @@ from triton.testing import do_bench
 import cggr.stats_ops  # noqa: F401  (registers torch.ops.cggr.token_stats)
 from cggr.triton_kernels.token_stats import launch_token_stats, token_stats_config
 
+# run as a script: make the repository root importable for the sibling modules
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.comparators import load_cggr_v050  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -165,6 +169,13 @@ def main(argv=None):
         }
         if compiled is not None:
             timings["torch.compile(eager composition)"] = lambda: compiled(*rot.next())
+        v050 = load_cggr_v050()
+        if v050 is not None:
+            # its Triton path called directly: its public wrapper falls back to eager on any exception,
+            # which would time something else without saying so
+            v050_kernels = sys.modules["cggr_v050_triton_kernels"]
+            timings["cggr==0.5.0 scoring (Triton, 3 passes)"] = (
+                lambda: v050_kernels._triton_difficulty_score(rot.next()[0], None, "combined"))
         for name, fn in timings.items():
             fn()  # compile / warm up outside the timed region
             entries[name] = bench_ms(fn)
