@@ -55,6 +55,14 @@ from .schedule import SCHEDULES, RatioSchedule, batch_confidence, check_ratio
 from .scoring import check_combined_weights, check_strategy, score
 
 IGNORE_INDEX = -100  # Hugging Face causal LMs hard-code it in their loss
+# Router scoring chunks: 512 MiB of logits (5461 rows at V = 49152 in bf16). cggr.linear's training-path
+# default (~384 rows there, sized to keep peak memory with gradients low) meant ~86 launches of each
+# scoring kernel per step at 32 x 1024 tokens; the router keeps no activations, so it can afford more.
+ROUTER_CHUNK_BYTES = 512 << 20
+
+
+def _router_chunk_rows(n_tokens: int, vocab_size: int, itemsize: int) -> int:
+    return max(1, min(n_tokens, ROUTER_CHUNK_BYTES // max(1, vocab_size * itemsize)))
 STEP_KEY = "cggr_step"
 COMPILE_SCOPES = ("router", "model", "all")
 LOSS_IMPLS = ("model", "fused")
@@ -145,7 +153,9 @@ class CGGRModel(nn.Module):
         selection: row policy name (``ROW_POLICIES``): hardest|stratified|random, or a registered one.
         dynamic_threshold, threshold_sensitivity: see "Row count" in the module docstring.
         router_layers: router depth when ``router`` is None.
-        router_chunk_size: rows per chunk of the router's LM-head scoring (None: cggr.linear's default).
+        router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
+            ``ROUTER_CHUNK_BYTES`` of logits; the router holds no activations for backward, so larger
+            chunks than the training path's cost little memory and save per-chunk launch overhead).
         seed: seeds the generator of the random row policies.
         compile: False, True (= 'all'), 'router' (the router trunk), 'model' (the full model forward) or
             'all'; ``compile_options`` go to ``torch.compile``. The row count is fixed per ratio, so the
@@ -416,7 +426,8 @@ class CGGRModel(nn.Module):
             targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
             stats = token_stats_from_hidden(hidden.reshape(B * T, hidden.shape[-1]), weight,
                                             targets.reshape(B * T), bias=bias, ignore_index=IGNORE_INDEX,
-                                            chunk_size=self.router_chunk_size,
+                                            chunk_size=self.router_chunk_size or _router_chunk_rows(
+                                                B * T, weight.shape[0], hidden.element_size()),
                                             # targets are sanitised above; validation would sync
                                             validate_targets=False)
             stats = type(stats)(*(s.view(B, T) for s in stats))
