@@ -277,6 +277,21 @@ def _chunked_stats(h2d, weight, bias, targets, ignore_index, rows, softcap):
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under an active autocast, compute in its dtype, as ``F.linear`` would: fp32 master weights with
+    bf16 autocast get bf16 logits (not fp32 matmuls), and the casts are differentiable, so their
+    gradients still arrive in fp32. The work itself then runs with autocast off (its matmuls write into
+    preallocated buffers, which autocast would not cast anyway)."""
+    device_type = hidden.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
+    return cast(hidden), cast(weight), cast(bias)
+
+
 # --------------------------------------------------------------------------------------------------
 # token_stats_from_hidden
 # --------------------------------------------------------------------------------------------------
@@ -298,9 +313,10 @@ def token_stats_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, targets:
     Never differentiable (computed under no_grad).
     """
     op = "cggr.token_stats_from_hidden"
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     h2d, t_flat, token_shape, N, H, V = _check_common(op, hidden, weight, targets, bias, chunk_size, softcap)
     rows = chunk_size if chunk_size is not None else default_chunk_size(N, H, V, hidden.dtype)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
         stats = _chunked_stats(h2d.detach(), weight.detach(), None if bias is None else bias.detach(),
                                t_flat, int(ignore_index), rows, softcap)
     _sync_check(op, t_flat, token_shape, V, int(ignore_index), validate_targets, None)
@@ -510,6 +526,10 @@ def fused_linear_selective_ce(hidden: torch.Tensor, weight: torch.Tensor, target
                   host sync at all; a selection larger than max_selected then makes every gradient NaN
                   (it cannot raise without a sync); with validate_targets=True it raises a ValueError.
 
+    Autocast: under an active ``torch.autocast`` the logits are computed in its dtype (hidden, weight
+    and bias are cast first, differentiably), as ``F.linear`` would be; gradients reach fp32 master
+    weights in fp32.
+
     Gradients: hidden, weight and bias (when they require grad). Rows not selected get exact zeros in
     grad_hidden and no work. Precision: logits in the input dtype (as eager ``h @ W.T``), softmax and
     gradient math in float32, grad_hidden accumulated over vocabulary slices in float32, grad_weight
@@ -518,6 +538,14 @@ def fused_linear_selective_ce(hidden: torch.Tensor, weight: torch.Tensor, target
     the factor is applied to the rows instead, so no loss scaler is needed for this layer.
     """
     op = "cggr.fused_linear_selective_ce"
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _fused_linear_selective_ce(op, hidden, weight, targets, select_fn, bias, ignore_index, reduction,
+                                          chunk_size, softcap, row_weight, validate_targets, max_selected)
+
+
+def _fused_linear_selective_ce(op, hidden, weight, targets, select_fn, bias, ignore_index, reduction, chunk_size,
+                               softcap, row_weight, validate_targets, max_selected):
     h2d, t_flat, token_shape, N, H, V = _check_common(op, hidden, weight, targets, bias, chunk_size, softcap)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")

@@ -439,3 +439,34 @@ def test_float16_small_gradients_do_not_underflow():
     (loss * 1e-2).backward()
     _, rh, rw, rb = reference(h, w, b, t, mask, grad_out=torch.tensor(1e-2))
     assert rel(h.grad, rh) < 1e-2 and rel(w.grad, rw) < 1e-2 and rel(b.grad, rb) < 1e-2
+
+
+def test_autocast_computes_in_the_autocast_dtype_with_fp32_master_weights():
+    """Like F.linear under autocast: bf16 logits from fp32 parameters, fp32 gradients back."""
+    g = torch.Generator().manual_seed(123)
+    hidden = torch.randn(40, 24, generator=g).requires_grad_(True)
+    weight = (torch.randn(77, 24, generator=g) / 5).requires_grad_(True)
+    targets = torch.randint(0, 77, (40,), generator=g)
+    select_all = lambda stats, valid: valid  # noqa: E731
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with MatmulDtypes() as recorder:  # the forward's logits matmuls
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, stats, _ = L.fused_linear_selective_ce(hidden, weight, targets, select_all)
+    assert recorder.seen == {torch.bfloat16}, f"logits matmuls ran in {recorder.seen}"
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    # reference: the same bf16-rounded operands, float64 math
+    h16, w16 = hidden.detach().bfloat16(), weight.detach().bfloat16()
+    logits = (h16 @ w16.T).double()  # what the bf16 matmul produces, up to its rounding
+    ref = F.cross_entropy(logits, targets)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-2, atol=2e-2)
+    assert stats.nll.dtype == torch.float32
