@@ -73,6 +73,7 @@ setup(
     description="Confidence-Gated Gradient Routing: selective-token training that is really faster",
     packages=find_packages(include=["cggr", "cggr.*"]) + ["cggr.triton_kernels"],
     package_dir={"cggr.triton_kernels": "triton_kernels"},
+    package_data={"cggr.bench": ["data/*"]},  # the embedded default corpus of `cggr bench`
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
