@@ -209,3 +209,19 @@ def test_forward_linear_matches_logits_path(selection, dynamic):
     torch.testing.assert_close(loss_lin, loss_log, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads_lin[0], hidden.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads_lin[1], weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("v", [1, 2, 3])
+@pytest.mark.parametrize("scoring", ["entropy", "margin", "loss", "combined"])
+def test_tiny_vocabularies(v, scoring):
+    logits, targets = _batch(n=29, v=v, seed=v)
+    logits.requires_grad_(True)
+    crit = _criterion(scoring=scoring, min_tokens_ratio=0.5)
+    loss = crit(logits, targets)
+    loss.backward()
+    mask = crit._last["mask"]
+    valid = targets != IGNORE
+    assert int(mask.sum()) == math.ceil(0.5 * int(valid.sum()))
+    ref = F.cross_entropy(logits.detach().double()[mask], targets[mask])
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(logits.grad).all() and (logits.grad[~mask] == 0).all()
