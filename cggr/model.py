@@ -8,7 +8,7 @@ One training step (``loss = cggr_model(input_ids, labels=labels, attention_mask=
    ``cggr.scoring.score``. Labels are shifted the way Hugging Face causal LMs shift them: position t
    predicts ``labels[t + 1]``; the last position has no target.
 2. Row selection: ``k = ceil(ratio * B)`` rows by a row policy (``hardest``, ``stratified``,
-   ``random``; ``register_row_policy`` adds more).
+   ``random``, ``importance``; ``register_row_policy`` adds more).
 3. Full forward (+ the caller's backward) on those k rows only.
 
 Documented policies
@@ -25,8 +25,10 @@ Documented policies
   synchronisation per step and a row count that varies between steps (documented cost, opt-in).
 - Loss: Hugging Face's causal-LM loss on the selected rows, i.e. cross entropy over their shifted
   targets that are not -100, mean over those tokens (the model's own ``labels=`` path). A row policy
-  that returns row weights (importance sampling) gets ``sum_i w_row(i) * nll_i / n_valid`` computed here
-  in float32 from the logits, which equals the model's loss when every weight is 1. With ratio 1.0 no
+  that returns row weights gets ``sum_i w_row(i) * nll_i / n_valid`` computed here in float32 from the
+  logits, which equals the model's loss when every weight is 1; a policy registered with
+  ``loss_norm='batch'`` (``importance``) divides by ``n_total``, the valid shifted targets of the whole
+  batch (``labels[:, 1:] != -100``, as the plain model's loss counts them), instead. With ratio 1.0 no
   router runs and the whole batch goes through unchanged: loss and gradients equal the plain model's.
   ``loss_impl='fused'`` computes the same mean (float rounding aside) through ``cggr.linear`` without
   [k, T, V] logits, and with ``token_ratio < 1`` over the hardest tokens of the selected rows only.
@@ -40,6 +42,7 @@ device) unless ``dynamic_threshold=True`` or ``collect_timing=True``; ``get_metr
 values and so synchronises when called. Hugging Face's own mask creation reads an all-ones check of a
 2-D ``attention_mask`` on the host (sdpa): pass ``attention_mask=None`` for unpadded batches.
 """
+import functools
 import math
 import time
 from collections import OrderedDict
@@ -73,15 +76,22 @@ class RowSelection(NamedTuple):
     row_weight: Optional[torch.Tensor]    # [k] float32 loss weight per selected row, or None (= all 1)
 
 
+LOSS_NORMS = ("selected", "batch")
+
+
 class RowPolicy(NamedTuple):
     """``select(row_scores, k, generator) -> RowSelection``.
 
     ``row_scores``: [B] float32 row difficulty (higher = harder; ``-inf`` for rows that cannot be scored)
     or None when ``needs_scores`` is False (no router pass at all). ``k``: host int, 1 <= k < B.
     ``generator``: a ``torch.Generator`` on the batch's device. Must not synchronise.
+    ``loss_norm``: how a weighted loss (``row_weight`` not None) is normalised: ``'selected'`` divides
+    ``sum w * nll`` by the valid shifted targets of the selected rows, ``'batch'`` by those of the whole
+    batch (``n_total``; what an importance-sampling estimator of the full batch's mean needs).
     """
     select: Callable[[Optional[torch.Tensor], int, torch.Generator], RowSelection]
     needs_scores: bool
+    loss_norm: str = "selected"
 
 
 def _ascending(indices):
@@ -112,26 +122,74 @@ def _select_random(batch_size, k, generator):
     return RowSelection(_ascending(torch.topk(keys, k, sorted=False).indices), None)
 
 
+def check_importance_options(mix, temperature):
+    """Validate ``importance_mix`` (alpha in [0, 1]) and ``importance_temperature`` (> 0); floats back."""
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= float(mix) <= 1.0:
+        raise ValueError(f"importance_mix must be a number in [0, 1], got {mix!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not math.isfinite(float(temperature)) or float(temperature) <= 0.0):
+        raise ValueError(f"importance_temperature must be a finite number > 0, got {temperature!r}")
+    return float(mix), float(temperature)
+
+
+def importance_probabilities(row_scores: torch.Tensor, mix: float = 0.9, temperature: float = 1.0) -> torch.Tensor:
+    """Sampling distribution of the ``importance`` policy: [B] float32, sums to 1, no host sync.
+
+    ``p_i = (1 - mix) / B + mix * q_i`` with ``q = softmax(row_scores / temperature)`` over the rows with a
+    finite score (scored rows); rows without a scored token (``-inf``) get ``q = 0``, and if no row is
+    scored ``q`` is uniform (so ``p`` is too).
+    """
+    B = row_scores.shape[0]
+    scores = row_scores.to(torch.float32)
+    scored = torch.isfinite(scores)
+    logits = torch.where(scored, scores / temperature, torch.full_like(scores, -math.inf))
+    q = torch.softmax(logits, 0)  # NaN everywhere when no row is scored: replaced by uniform below
+    q = torch.where(scored.any(), q, torch.full_like(q, 1.0 / B))
+    return (1.0 - mix) / B + mix * q
+
+
+def _select_importance(row_scores, k, generator, mix=0.9, temperature=1.0):
+    """Importance sampling: k i.i.d. draws WITH replacement from ``importance_probabilities``.
+
+    Draw j picks row ``i_j`` with probability ``p_{i_j}`` and gets weight ``1 / (k p_{i_j})``; the loss is
+    normalised by ``n_total`` (``loss_norm='batch'``), so with ``c_i`` the sum of row i's valid token
+    losses the step's loss is ``L_hat = (1/k) sum_j c_{i_j} / (p_{i_j} n_total)``. Its expectation (and,
+    p being a constant, its gradient's) is ``sum_i p_i c_i / (p_i n_total) = sum_i c_i / n_total``: the
+    plain model's token-mean loss on all B rows. A row drawn twice appears twice (repeated gather).
+    Rows with ``p_i = 0`` (``mix = 1``, unscored) are never drawn; their loss is then not estimated.
+    """
+    p = importance_probabilities(row_scores, mix, temperature)
+    draws = torch.multinomial(p, k, replacement=True, generator=generator)
+    indices = torch.sort(draws).values
+    weight = 1.0 / (k * p.index_select(0, indices))
+    return RowSelection(indices, weight.to(torch.float32))
+
+
 ROW_POLICIES = {
     "hardest": RowPolicy(_select_hardest, True),
     "stratified": RowPolicy(_select_stratified, True),
     "random": RowPolicy(_select_random, False),
+    "importance": RowPolicy(_select_importance, True, "batch"),
 }
 
 
-def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False):
+def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False,
+                        loss_norm: str = "selected"):
     """Extension point (importance sampling, excess-loss rows, ...): ``select`` as in ``RowPolicy``.
 
     A policy with ``needs_scores=False`` is called with the batch size ``B`` (an int) instead of scores.
-    Returning ``row_weight`` switches the loss to the weighted form (module docstring, "Loss").
+    Returning ``row_weight`` switches the loss to the weighted form (module docstring, "Loss"), normalised
+    as ``loss_norm`` says (``RowPolicy``).
     """
+    if loss_norm not in LOSS_NORMS:
+        raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"row policy name must be a non-empty str, got {name!r}")
     if name in ROW_POLICIES and not overwrite:
         raise ValueError(f"row policy {name!r} already exists (pass overwrite=True to replace it)")
     if not callable(select):
         raise TypeError(f"row policy {name!r}: select must be callable, got {type(select).__name__}")
-    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores))
+    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores), loss_norm)
 
 
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
@@ -150,13 +208,19 @@ class CGGRModel(nn.Module):
         warmup_steps, schedule: curriculum from 1.0 down to ``min_tokens_ratio`` (``cggr.schedule``).
         scoring: token difficulty strategy (``cggr.scoring``): entropy|margin|loss|combined|excess_loss
             (``excess_loss`` needs ``reference_nll=[B, T-1]`` in the call, one value per shifted target).
-        selection: row policy name (``ROW_POLICIES``): hardest|stratified|random, or a registered one.
+        selection: row policy name (``ROW_POLICIES``): hardest|stratified|random|importance, or a
+            registered one. ``importance``: k rows drawn with replacement from
+            ``p = (1 - importance_mix) / B + importance_mix * softmax(row_score / importance_temperature)``
+            and weighted ``1 / (k p)`` over the whole batch's token count: an unbiased estimate of the
+            full batch's loss and gradient (``_select_importance``).
+        importance_mix, importance_temperature: alpha in [0, 1] (0 = uniform rows) and the softmax
+            temperature (> 0) of ``importance``; validated whatever the policy.
         dynamic_threshold, threshold_sensitivity: see "Row count" in the module docstring.
         router_layers: router depth when ``router`` is None.
         router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
             ``ROUTER_CHUNK_BYTES`` of logits; the router holds no activations for backward, so larger
             chunks than the training path's cost little memory and save per-chunk launch overhead).
-        seed: seeds the generator of the random row policies.
+        seed: seeds the generator of the random row policies (``random``, ``stratified``, ``importance``).
         compile: False, True (= 'all'), 'router' (the router trunk), 'model' (the full model forward) or
             'all'; ``compile_options`` go to ``torch.compile``. The row count is fixed per ratio, so the
             shapes are static once the curriculum reaches its floor.
@@ -177,7 +241,8 @@ class CGGRModel(nn.Module):
                  router_chunk_size: Optional[int] = None, seed: int = 0,
                  compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
-                 loss_chunk_size: Optional[int] = None):
+                 loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
+                 importance_temperature: float = 1.0):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -199,6 +264,11 @@ class CGGRModel(nn.Module):
         if token_ratio < 1.0 and loss_impl != "fused":
             raise ValueError("token_ratio < 1 trains only the hardest tokens of the selected rows through "
                              "cggr.linear: it needs loss_impl='fused'")
+        self.importance_mix, self.importance_temperature = check_importance_options(importance_mix,
+                                                                                    importance_temperature)
+        if selection == "importance" and token_ratio < 1.0:
+            raise ValueError("selection='importance' estimates the full batch's loss; token_ratio < 1 would "
+                             "drop tokens and bias it: use token_ratio=1.0")
         if compile is True:
             compile = "all"
         if compile is not False and compile not in COMPILE_SCOPES:
@@ -208,6 +278,10 @@ class CGGRModel(nn.Module):
                                       threshold_sensitivity)
         self.selection = selection
         self.policy = ROW_POLICIES[selection]
+        select = self.policy.select
+        if select is _select_importance:
+            select = functools.partial(select, mix=self.importance_mix, temperature=self.importance_temperature)
+        self._select = select
         self.router_chunk_size = router_chunk_size
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)
@@ -347,7 +421,7 @@ class CGGRModel(nn.Module):
                 k = rows_for_ratio(ratio, B)
             if k < B:
                 generator = self._generator(input_ids.device)
-                selection = self.policy.select(row_scores if self.policy.needs_scores else B, k, generator)
+                selection = self._select(row_scores if self.policy.needs_scores else B, k, generator)
         if timing is not None:
             self._mark_router_end(timing)
 
@@ -367,6 +441,10 @@ class CGGRModel(nn.Module):
                            for name, v in kwargs.items()}
 
         row_weight = selection.row_weight if selection is not None else None
+        target_valid = labels[:, 1:] != IGNORE_INDEX
+        per_row = target_valid.sum(1)
+        # n_total for loss_norm='batch' (device tensor, no sync): counted like the plain model's loss.
+        n_norm = per_row.sum() if row_weight is not None and self.policy.loss_norm == "batch" else None
         rows_selected_tokens = None
         if self.loss_impl == "fused":
             rows_ref = None
@@ -375,16 +453,18 @@ class CGGRModel(nn.Module):
                     0, selection.indices.to(reference_nll.device))
             loss, rows_selected_tokens = self._fused_loss(rows_ids, rows_labels, rows_mask, rows_kwargs,
                                                           row_weight, rows_ref)
+            if n_norm is not None:
+                # fused 'mean' divides by the selected valid tokens: rescale to the batch's count
+                loss = loss * (rows_selected_tokens.clamp_min(1).to(loss.dtype)
+                               / n_norm.clamp_min(1).to(loss.dtype))
         elif row_weight is not None:
             out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, **rows_kwargs)
-            loss = self._weighted_loss(out.logits, rows_labels, row_weight)
+            loss = self._weighted_loss(out.logits, rows_labels, row_weight, n_norm)
         else:
             out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, labels=rows_labels,
                                       **rows_kwargs)
             loss = out.loss
 
-        target_valid = labels[:, 1:] != IGNORE_INDEX
-        per_row = target_valid.sum(1)
         self._last = {
             "ratio": ratio,
             "sequences_selected": k,
@@ -394,6 +474,7 @@ class CGGRModel(nn.Module):
                                 else per_row.sum() if selection is None
                                 else per_row.index_select(0, selection.indices).sum()),
             "confidence": confidence,
+            "rows": selection.indices if selection is not None else None,  # for tests / inspection
         }
         if timing is not None:
             self._pending_timing = timing
@@ -487,13 +568,14 @@ class CGGRModel(nn.Module):
         return loss, (mask & (targets != IGNORE_INDEX)).sum()
 
     @staticmethod
-    def _weighted_loss(logits, labels, row_weight):
+    def _weighted_loss(logits, labels, row_weight, n_norm=None):
         # Float32 like HF's ForCausalLMLoss, so that all-ones weights reproduce the model's loss.
+        # n_norm: the normaliser (loss_norm='batch'); None = the valid targets of these rows.
         logits = logits[:, :-1].float()
         targets = labels[:, 1:]
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                           ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        n_valid = (targets != IGNORE_INDEX).sum()
+        n_valid = (targets != IGNORE_INDEX).sum() if n_norm is None else n_norm
         return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
 
     def _generator(self, device):
