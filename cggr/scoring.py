@@ -40,12 +40,22 @@ def check_combined_weights(weights: Optional[Mapping[str, float]]) -> dict:
     return merged
 
 
-def _standardize(x: torch.Tensor, valid: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-    x = torch.where(valid, x, torch.zeros_like(x))
-    mean = x.sum() / n_valid
-    centred = torch.where(valid, x - mean, torch.zeros_like(x))
-    std = (centred.square().sum() / n_valid).sqrt()
-    return centred / (std + 1e-6)
+def _combined(signals, weights, valid: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i * z(signal_i), all signals standardised together as one [S, N] tensor: a handful of
+    kernels instead of ten per signal (at 16K tokens the launches, not the bytes, are the cost)."""
+    keep = valid.reshape(1, -1)
+    # where, not a multiply: a non-finite value on an ignored token must not leak into the statistics
+    x = torch.where(keep, torch.stack([s.reshape(-1) for s in signals]), 0.0)
+    n_valid = keep.sum().clamp_min(1).to(x.dtype)
+    mean = x.sum(1, keepdim=True) / n_valid
+    centred = torch.where(keep, x - mean, 0.0)
+    std = (centred.square().sum(1, keepdim=True) / n_valid).sqrt()
+    z = centred / (std + 1e-6)
+    # weights stay Python floats: a weight tensor built on the GPU would be a host-to-device copy per call
+    combined = z[0] * weights[0]
+    for i in range(1, len(weights)):
+        combined = combined + z[i] * weights[i]
+    return combined.reshape(valid.shape)
 
 
 def score(stats, strategy: str, valid: torch.Tensor, combined_weights: Optional[Mapping[str, float]] = None,
@@ -73,9 +83,7 @@ def score(stats, strategy: str, valid: torch.Tensor, combined_weights: Optional[
         raw = stats.nll - reference_nll.to(device=stats.nll.device, dtype=torch.float32)
     else:
         weights = check_combined_weights(combined_weights)
-        n_valid = valid.sum().clamp_min(1).to(torch.float32)
-        raw = torch.zeros_like(stats.nll)
-        for name, signal in (("entropy", stats.entropy), ("margin", margin), ("loss", stats.nll)):
-            if weights[name] != 0.0:
-                raw = raw + weights[name] * _standardize(signal, valid, n_valid)
+        used = [(w, signal) for w, signal in ((weights["entropy"], stats.entropy), (weights["margin"], margin),
+                                              (weights["loss"], stats.nll)) if w != 0.0]
+        raw = _combined([signal for _, signal in used], [w for w, _ in used], valid)
     return torch.where(valid, raw, torch.zeros_like(raw))

@@ -60,3 +60,13 @@ def test_bad_arguments():
         score(stats, "combined", valid, {"entropi": 1.0})
     with pytest.raises(ValueError, match="non-zero"):
         score(stats, "combined", valid, {"entropy": 0.0, "margin": 0.0, "loss": 0.0})
+
+
+def test_combined_ignores_non_finite_values_on_invalid_tokens():
+    stats = _stats(seed=5)
+    valid = torch.ones(37, dtype=torch.bool)
+    valid[4] = False
+    poisoned = stats._replace(nll=stats.nll.clone().index_fill_(0, torch.tensor([4]), float("nan")))
+    got = score(poisoned, "combined", valid)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, score(stats, "combined", valid))
