@@ -27,6 +27,7 @@ class Batch:
     rows: torch.Tensor        # [B, seq_len + 1] int64 on the training device
     index: torch.Tensor       # [B] int64 indices of the rows in the training RowSet (device)
     source_ids: np.ndarray    # [B] int64 source index of every row (host: the oracle decides on the host)
+    host_index: Optional[np.ndarray] = None  # [B] int64, ``index`` on the host (host-side policies)
 
 
 @dataclasses.dataclass
@@ -36,6 +37,7 @@ class StepContext:
     router_layers: int = 4
     target_source_id: Optional[int] = None            # regime "target": the goal domain
     reference_token_nll: Optional[torch.Tensor] = None  # [n_train_rows, seq_len] reference NLL (regime "target")
+    reference_row_nll: Optional[np.ndarray] = None      # [n_train_rows] its row means, on the host
 
 
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
@@ -106,6 +108,15 @@ def _choose_oracle(batch, k, rng, ctx):
     return np.concatenate([np.flatnonzero(is_target), rng.permutation(others)])[:k]
 
 
+def _choose_reference_stratified(batch, k, rng, ctx):
+    """Half the rows (rounded up) with the lowest reference NLL, the rest random: the reference model's
+    domain signal alone, no router (it is computed once before training, so selection costs nothing)."""
+    k_low = (k + 1) // 2
+    order = np.argsort(ctx.reference_row_nll[batch.host_index], kind="stable")
+    low, rest = order[:k_low], order[k_low:]
+    return np.concatenate([low, rng.permutation(rest)])[:k]
+
+
 class CGGRModelStep(Step):
     def __init__(self, cggr_model, reference: Optional[torch.Tensor] = None):
         super().__init__(cggr_model)  # its parameters are exactly the wrapped model's (the router owns none)
@@ -156,6 +167,12 @@ def build_standard(model, ratio, ctx):
 
 def build_random(model, ratio, ctx):
     return RowSubset(model, ratio, ctx, _choose_random)
+
+
+def build_reference_stratified(model, ratio, ctx):
+    if ctx.reference_row_nll is None:
+        raise ValueError("reference_stratified needs the reference model's NLL (regime 'target')")
+    return RowSubset(model, ratio, ctx, _choose_reference_stratified)
 
 
 def build_oracle(model, ratio, ctx):
@@ -215,6 +232,10 @@ CONFIGS: Dict[str, Config] = {
     "oracle": Config(build_oracle, True, ("target",), "target-domain rows first, random filler"),
     "excess": Config(_require_reference(cggr_model_builder("hardest", "excess_loss")), True, ("target",),
                      "CGGRModel rows with the highest router NLL minus reference NLL (RHO-LOSS)"),
+    "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
+                                ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
+    "reference_stratified": Config(build_reference_stratified, True, ("target",),
+                                   "half the rows by the lowest reference NLL (no router), the rest random"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),
                             "CGGRLoss tokens with the highest NLL minus reference NLL (Rho-1)"),
 }

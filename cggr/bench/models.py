@@ -30,6 +30,9 @@ PRESETS = {
                  num_key_value_heads=2),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2),
+    # the reference-model size of the issues' regime-3 measurement (384 wide, 6 layers)
+    "medium": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                   num_key_value_heads=2),
     "smollm-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                         num_key_value_heads=3),
 }

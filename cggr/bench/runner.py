@@ -23,6 +23,7 @@ differ from the runs already in ``OUT`` are an error, never silently mixed.
 """
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -96,6 +97,19 @@ def autocast_for(device: torch.device, dtype: str):
     raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
 
 
+@contextlib.contextmanager
+def cache_lock(path: str):
+    """Exclusive lock on ``path + '.lock'``: benchmark processes sharing ``--cache-dir`` (one per GPU, say)
+    then train a seed's stage-1 checkpoint or reference model once; the others wait and reuse it."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_name(regime, config, ratio, seed) -> str:
     return f"{regime}__{config}__r{'full' if ratio is None else f'{ratio:g}'}__s{seed}"
 
@@ -164,9 +178,13 @@ class Bench:
         if self.s.init_checkpoint:
             return self.s.init_checkpoint
         path = os.path.join(self.s.cache_dir, "init", f"{self.hash}-s{seed}")
-        if os.path.exists(os.path.join(path, "config.json")):
-            self.log(f"finetune: stage 1 checkpoint {path} (reused)")
-            return path
+        with cache_lock(path):
+            if os.path.exists(os.path.join(path, "config.json")):
+                self.log(f"finetune: stage 1 checkpoint {path} (reused)")
+                return path
+            return self._train_finetune_init(seed, path)
+
+    def _train_finetune_init(self, seed: int, path: str) -> str:
         c = self.corpus
         others = [n for n in c.sources if n != self.s.finetune_source]
         rows = D.build_rows(c, "train", others, self.row_len)
@@ -189,6 +207,16 @@ class Bench:
     def _reference(self, seed: int) -> Dict:
         """Reference model on the clean target slice; its per-token NLL over the pool, computed once."""
         path = os.path.join(self.s.cache_dir, "reference", f"{self.hash}-s{seed}.npy")
+        with cache_lock(path):
+            info, nll = self._load_or_train_reference(seed, path)
+        if nll.shape != (len(self.train_rows), self.s.seq_len):
+            raise ValueError(f"{path}: reference NLL of shape {nll.shape}, expected "
+                             f"{(len(self.train_rows), self.s.seq_len)}")
+        info["nll"] = torch.from_numpy(nll).to(self.device)
+        info["row_nll"] = nll.mean(axis=1)
+        return info
+
+    def _load_or_train_reference(self, seed: int, path: str):
         info_path = path[:-4] + ".json"
         if os.path.exists(path):
             self.log(f"target: reference NLL {path} (reused)")
@@ -208,15 +236,12 @@ class Bench:
             info = {"preset": s.reference_preset, "rows": len(rows), "steps": result.steps, "tokens": result.tokens,
                     "val": result.final_val, "pool_mean_nll": float(nll.mean())}
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(info_path + ".tmp", "w") as f:  # the info first: the .npy marks the pair complete
+                json.dump(info, f, indent=1)
+            os.replace(info_path + ".tmp", info_path)
             np.save(path[:-4] + ".tmp.npy", nll)
             os.replace(path[:-4] + ".tmp.npy", path)
-            with open(info_path, "w") as f:
-                json.dump(info, f, indent=1)
-        if nll.shape != (len(self.train_rows), self.s.seq_len):
-            raise ValueError(f"{path}: reference NLL of shape {nll.shape}, expected "
-                             f"{(len(self.train_rows), self.s.seq_len)}")
-        info["nll"] = torch.from_numpy(nll).to(self.device)
-        return info
+        return info, nll
 
     @torch.no_grad()
     def _pool_nll(self, model) -> np.ndarray:
@@ -305,6 +330,7 @@ class Bench:
         if self.s.regime == "target":
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]
+            ctx.reference_row_nll = prep["reference"]["row_nll"]
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
                        self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
@@ -317,6 +343,7 @@ class Bench:
             "steps": result.steps, "train_time": result.train_time, "tokens": result.tokens,
             "tokens_per_s": result.tokens / result.train_time if result.train_time > 0 else None,
             "step_time_ms": 1e3 * result.train_time / result.steps if result.steps else None,
+            "host_ms_per_step": 1e3 * result.host_time / result.steps if result.steps else None,
             "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
@@ -324,5 +351,5 @@ class Bench:
         if "init" in prep:
             record["init_checkpoint"] = prep["init"]
         if "reference" in prep:
-            record["reference"] = {k: v for k, v in prep["reference"].items() if k != "nll"}
+            record["reference"] = {k: v for k, v in prep["reference"].items() if k not in ("nll", "row_nll")}
         return record

@@ -110,6 +110,7 @@ class RunResult:
     tokens: int
     diverged: bool
     final_val: Dict[str, float]
+    host_time: float = 0.0  # seconds the host spent issuing the steps (before each step's final sync)
 
 
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
@@ -126,7 +127,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     tokens_per_step = batch_size * (train_rows.rows.shape[1] - 1)
 
     curve: List[dict] = []
-    train_time, tokens, steps = 0.0, 0, 0
+    train_time, host_time, tokens, steps = 0.0, 0.0, 0, 0
     loss_sum = torch.zeros((), device=device)
     loss_steps = 0
     next_eval = 0.0
@@ -175,6 +176,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         optimizer.zero_grad(set_to_none=True)
         step_obj.after_step()
         loss_sum += loss.detach().float()
+        host_time += time.perf_counter() - start  # close to elapsed: the step is bound by the host's launches
         _sync(device)
         elapsed = time.perf_counter() - start
         train_time += elapsed
@@ -185,13 +187,13 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     if curve[-1]["step"] != steps:
         evaluate()
     progress.close()
-    return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"])
+    return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"], host_time)
 
 
 def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
     index = torch.from_numpy(idx)
     return Batch(torch.from_numpy(rows.rows[idx]).to(device, non_blocking=True), index.to(device),
-                 rows.source_ids[idx])
+                 rows.source_ids[idx], idx)
 
 
 def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, n):

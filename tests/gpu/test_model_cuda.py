@@ -62,19 +62,22 @@ def no_sync():
 
 
 @pytest.mark.parametrize("make", [llama, gpt2])
-@pytest.mark.parametrize("selection", ["hardest", "stratified", "random"])
-@pytest.mark.parametrize("scoring", ["loss", "combined"])
+@pytest.mark.parametrize("selection", ["hardest", "stratified", "random", "importance"])
+@pytest.mark.parametrize("scoring", ["loss", "combined", "excess_loss"])
 def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
     model = make()
     cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection=selection,
                      scoring=scoring)
     ids, labels = batch()
     k = 4
+    reference = None
+    if scoring == "excess_loss":
+        reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device=ids.device)
 
     def route():
         rows = None
         if cggr.policy.needs_scores:
-            rows, _ = cggr._score_rows(ids, labels, None, {}, None)
+            rows, _ = cggr._score_rows(ids, labels, None, {}, reference)
         picked = cggr.policy.select(rows if rows is not None else ids.shape[0], k, cggr._generator(ids.device))
         return ids.index_select(0, picked.indices), labels.index_select(0, picked.indices)
 

@@ -1,0 +1,122 @@
+"""Spread `cggr bench` jobs over the GPUs of one machine, one job per GPU at a time, then merge reports.
+
+Each job is one line of the jobs file: a name, then `cggr bench` arguments (regime, configurations,
+ratios, seeds, budget); the arguments after `--` on this command line are added to every job. A job
+writes to ROOT/jobs/NAME (so a job that ran earlier, in a previous call on the same machine, is reused
+by the bench itself), logs to ROOT/logs/NAME.log, and runs with CUDA_VISIBLE_DEVICES set to its GPU.
+Jobs sharing --cache-dir share the finetune stage-1 checkpoints and reference models: the bench locks
+them, so the first job of a seed trains them and the others wait for it.
+
+Every configuration keeps its own GPU for the whole run, so its clock is its own; the GPUs must be of
+one model (the script records `nvidia-smi` names in ROOT/gpus.txt).
+
+At the end, runs of one regime are merged into ROOT/merged/REGIME (`cggr bench --report-only`).
+
+    python scripts/bench_multi_gpu.py --gpus 0 1 2 3 --root /tmp/runs --jobs jobs.txt --wall 560 -- \
+        --corpus TOK.npz --model-preset smollm-135m ...
+"""
+import argparse
+import glob
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+
+def parse_jobs(path):
+    jobs = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, *args = shlex.split(line)
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"{path}:{number}: job name {name!r} must be letters, digits, '_' and '-'")
+            jobs.append((name, args))
+    names = [n for n, _ in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: job names must be unique")
+    return jobs
+
+
+def regime_of(args):
+    return args[args.index("--regime") + 1] if "--regime" in args else "pretrain"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", nargs="+", required=True, help="GPU indices, one worker each")
+    p.add_argument("--root", required=True)
+    p.add_argument("--jobs", required=True, help="jobs file: NAME ARGS... per line, # comments")
+    p.add_argument("--wall", type=float, required=True,
+                   help="seconds from now: no job starts a run that would end later (the bench's --max-wall)")
+    p.add_argument("--python", default=sys.executable)
+    a = p.parse_args(own)
+    deadline = time.monotonic() + a.wall
+    jobs = parse_jobs(a.jobs)
+    os.makedirs(os.path.join(a.root, "logs"), exist_ok=True)
+    if shutil.which("nvidia-smi"):
+        with open(os.path.join(a.root, "gpus.txt"), "w") as f:
+            subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], stdout=f, check=True)
+
+    work = queue.Queue()
+    for job in jobs:
+        work.put(job)
+    results = {}
+    lock = threading.Lock()
+
+    def worker(gpu):
+        while True:
+            try:
+                name, args = work.get_nowait()
+            except queue.Empty:
+                return
+            left = deadline - time.monotonic()
+            if left < 30:
+                with lock:
+                    results[name] = "not started (wall)"
+                continue
+            out = os.path.join(a.root, "jobs", name)
+            cmd = [a.python, "-m", "cggr", "bench", *args, *common, "--out", out, "--max-wall", f"{left:.0f}"]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
+            start = time.monotonic()
+            with open(os.path.join(a.root, "logs", name + ".log"), "a") as log:
+                log.write(f"$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(cmd)}\n")
+                log.flush()
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            with lock:
+                results[name] = f"gpu {gpu} exit {rc} in {time.monotonic() - start:.0f} s"
+                print(f"{name}: {results[name]}", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in a.gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    for regime in sorted({regime_of(args) for _, args in jobs}):
+        merged = os.path.join(a.root, "merged", regime)
+        shutil.rmtree(merged, ignore_errors=True)
+        os.makedirs(os.path.join(merged, "runs"))
+        files = [f for name, args in jobs if regime_of(args) == regime
+                 for f in glob.glob(os.path.join(a.root, "jobs", name, "runs", f"{regime}__*.json"))]
+        for f in files:
+            shutil.copy(f, os.path.join(merged, "runs"))
+        if files:
+            rc = subprocess.run([a.python, "-m", "cggr", "bench", "--report-only", "--out", merged]).returncode
+            print(f"merged {regime}: {len(files)} runs, report exit {rc}", flush=True)
+    for name, _ in jobs:
+        print(f"{name}: {results.get(name, 'not started')}")
+    return 0 if all(" exit 0 " in results.get(n, "") for n, _ in jobs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
