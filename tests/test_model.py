@@ -64,7 +64,7 @@ def test_ratio_one_equals_plain_model(family):
     plain_loss.backward()
 
     model = tiny_model(family)
-    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     loss = cggr(ids, labels=labels, attention_mask=mask)
     loss.backward()
@@ -82,7 +82,7 @@ def test_selected_loss_is_the_models_loss_on_those_rows(family):
     ids, labels = batch(B=8)
     labels[3, 2:7] = -100
     model = tiny_model(family)
-    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     loss = cggr(ids, labels=labels)
     rows = recorder.calls[0]
@@ -100,7 +100,7 @@ def test_selected_loss_is_the_models_loss_on_those_rows(family):
 @pytest.mark.parametrize("ratio,B", [(0.25, 8), (0.3, 10), (0.5, 7), (0.1, 4), (0.99, 6)])
 def test_full_model_sees_ceil_ratio_rows(ratio, B):
     model = tiny_model("llama")
-    cggr = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     ids, labels = batch(B=B)
     mask = torch.ones_like(ids)
@@ -118,7 +118,7 @@ def test_full_model_sees_ceil_ratio_rows(ratio, B):
 def test_hardest_rows_are_picked(family):
     model = tiny_model(family)
     ids, labels = batch(B=8, seed=3)
-    cggr = CGGRModel(model, min_tokens_ratio=0.375, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.375, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     cggr(ids, labels=labels)
     expected = torch.topk(reference_row_nll(model, 2, ids, labels), 3).indices.sort().values
@@ -134,7 +134,7 @@ def test_row_difficulty_is_padding_and_ignore_index_aware():
     labels[2, :] = -100              # a row with nothing to learn is never preferred
     labels[3, 3:9] = -100
     position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     cggr(ids, labels=labels, attention_mask=mask, position_ids=position_ids)
     router = create_truncated_router(model, num_layers=2)
@@ -158,7 +158,7 @@ def test_padded_row_scores_like_its_unpadded_self():
     ids, labels = batch(B=4, T=12, seed=5)
     mask = torch.ones_like(ids)
     mask[0, 8:] = 0
-    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2)
     padded_rows, _ = cggr._score_rows(ids, labels, mask, {}, None)
     alone, _ = cggr._score_rows(ids[:1, :8], labels[:1, :8], None, {}, None)
     torch.testing.assert_close(padded_rows[0], alone[0], rtol=1e-5, atol=1e-6)
@@ -168,7 +168,7 @@ def test_non_batch_kwargs_pass_through_and_batch_kwargs_follow_rows():
     model = tiny_model("gpt2")
     ids, labels = batch(B=8)
     types = torch.arange(8)[:, None].expand(8, 12)  # GPT-2 embeds token types with wte: row id < vocab
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(model)
     cggr(ids, labels=labels, token_type_ids=types, position_ids=torch.arange(12)[None])
     call = recorder.calls[0]
@@ -227,7 +227,7 @@ def test_weighted_row_policy_extension_point():
     ids, labels = batch(B=8)
     labels[:, :3] = -100
     model = tiny_model("llama")
-    base = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)(ids, labels=labels)
+    base = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)(ids, labels=labels)
     ones = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection="test_ones")
     torch.testing.assert_close(ones(ids, labels=labels), base, rtol=1e-6, atol=1e-6)
     recorder = RowRecorder(model)
@@ -248,7 +248,7 @@ def test_weighted_row_policy_extension_point():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_every_block(family):
     model = tiny_model(family).train()
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)
     ids, labels = batch(B=8)
     cggr(ids, labels=labels).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -266,7 +266,7 @@ def test_curriculum_row_count_and_step_and_state_dict():
     model = tiny_model("llama")
     keys = list(model.state_dict())
     n_params = sum(p.numel() for p in model.parameters())
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=4, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=4, selection="hardest", router_layers=2)
     assert sum(p.numel() for p in cggr.parameters()) == n_params
     recorder = RowRecorder(model)
     ids, labels = batch(B=8)
@@ -278,7 +278,7 @@ def test_curriculum_row_count_and_step_and_state_dict():
     assert seen == [8, 7, 5, 4, 2, 2]       # ceil(8 * (1 - 0.75 * min(s / 4, 1)))
     state = cggr.state_dict()
     assert list(state) == keys + [STEP_KEY] and int(state[STEP_KEY]) == 6
-    resumed = CGGRModel(tiny_model("llama", seed=9), min_tokens_ratio=0.25, warmup_steps=4, router_layers=2)
+    resumed = CGGRModel(tiny_model("llama", seed=9), min_tokens_ratio=0.25, warmup_steps=4, selection="hardest", router_layers=2)
     resumed.load_state_dict(state)
     assert resumed.step_count == 6
     torch.testing.assert_close(resumed.model.model.norm.weight, model.model.norm.weight)
@@ -293,7 +293,7 @@ def test_curriculum_row_count_and_step_and_state_dict():
     # nested in a parent module: same layout under the parent's prefix, and loading resumes the step
     nested = torch.nn.ModuleDict({"inner": cggr}).state_dict()
     assert list(nested) == ["inner." + k for k in keys] + ["inner." + STEP_KEY]
-    fresh = torch.nn.ModuleDict({"inner": CGGRModel(tiny_model("llama", seed=5), router_layers=2)})
+    fresh = torch.nn.ModuleDict({"inner": CGGRModel(tiny_model("llama", seed=5), selection="hardest", router_layers=2)})
     fresh.load_state_dict(nested)
     assert fresh["inner"].step_count == 6
     torch.testing.assert_close(fresh["inner"].model.lm_head.weight, model.lm_head.weight)
@@ -301,7 +301,7 @@ def test_curriculum_row_count_and_step_and_state_dict():
 
 def test_metrics():
     model = tiny_model("llama")
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, collect_timing=True)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, collect_timing=True)
     ids, labels = batch(B=8)
     labels[0, :] = -100
     cggr(ids, labels=labels).backward()
@@ -316,7 +316,7 @@ def test_metrics():
 def test_dynamic_threshold_sizes_rows_from_confidence():
     model = tiny_model("llama")
     # random weights: confidence ~ 1/V, so ratio = clamp(0.25 + 1.0 * (0.5 - c), 0.25, 1) ~ 0.74
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, dynamic_threshold=True,
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, dynamic_threshold=True,
                      threshold_sensitivity=1.0)
     recorder = RowRecorder(model)
     ids, labels = batch(B=8)
@@ -329,7 +329,7 @@ def test_dynamic_threshold_sizes_rows_from_confidence():
 
 def test_without_labels_returns_plain_output():
     model = tiny_model("gpt2")
-    cggr = CGGRModel(model, router_layers=2)
+    cggr = CGGRModel(model, selection="hardest", router_layers=2)
     ids, _ = batch(B=3)
     with torch.no_grad():
         torch.testing.assert_close(cggr(ids).logits, model(ids).logits)
@@ -340,7 +340,7 @@ def test_excess_loss_scoring_uses_reference_nll():
     ids, labels = batch(B=4)
     reference = torch.zeros(4, 11)
     reference[1] = -100.0      # row 1 looks hugely "learnable" to the reference
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, scoring="excess_loss")
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, scoring="excess_loss")
     recorder = RowRecorder(model)
     cggr(ids, labels=labels, reference_nll=reference)
     torch.testing.assert_close(recorder.calls[0]["input_ids"], ids[1:2])
@@ -353,7 +353,7 @@ def test_excess_loss_scoring_uses_reference_nll():
 # -- bad input -----------------------------------------------------------------------------------
 
 def test_labels_shape_mismatch():
-    cggr = CGGRModel(tiny_model("llama"), router_layers=2)
+    cggr = CGGRModel(tiny_model("llama"), selection="hardest", router_layers=2)
     ids, labels = batch()
     with pytest.raises(ValueError, match=r"labels: expected shape \(8, 12\) to match input_ids, got \(8, 11\)"):
         cggr(ids, labels=labels[:, 1:])
@@ -364,29 +364,29 @@ def test_labels_shape_mismatch():
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5, True, "0.5"])
 def test_ratio_out_of_range(ratio):
     with pytest.raises(ValueError, match=r"min_tokens_ratio must be a number in \(0, 1\]"):
-        CGGRModel(tiny_model("llama"), min_tokens_ratio=ratio, router_layers=2)
+        CGGRModel(tiny_model("llama"), min_tokens_ratio=ratio, selection="hardest", router_layers=2)
 
 
 def test_router_layers_not_smaller_than_depth():
     with pytest.raises(ValueError, match=r"num_layers must be >= 1 and < the model's depth \(4 blocks"):
-        CGGRModel(tiny_model("gpt2", layers=4), router_layers=4)
+        CGGRModel(tiny_model("gpt2", layers=4), selection="hardest", router_layers=4)
 
 
 def test_unsupported_architecture():
     opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
                                          num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
     with pytest.raises(TypeError, match="unsupported architecture OPTForCausalLM"):
-        CGGRModel(opt, router_layers=1)
+        CGGRModel(opt, selection="hardest", router_layers=1)
 
 
 def test_bad_options():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="selection must be one of"):
+    with pytest.raises(ValueError, match="selection must be 'auto' or one of"):
         CGGRModel(model, selection="topk", router_layers=2)
     with pytest.raises(ValueError, match="scoring must be one of"):
-        CGGRModel(model, scoring="perplexity", router_layers=2)
+        CGGRModel(model, scoring="perplexity", selection="hardest", router_layers=2)
     with pytest.raises(ValueError, match="compile must be False, True or one of"):
-        CGGRModel(model, compile="everything", router_layers=2)
+        CGGRModel(model, compile="everything", selection="hardest", router_layers=2)
     with pytest.raises(ValueError, match="router must be built on the same model"):
         CGGRModel(model, router=create_truncated_router(tiny_model("llama"), 2))
     with pytest.raises(TypeError, match="router must be a cggr TruncatedRouter"):
@@ -396,12 +396,12 @@ def test_bad_options():
 def test_bf16_model_and_autocast():
     ids, labels = batch(B=8)
     model = tiny_model("llama").to(torch.bfloat16)
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)
     loss = cggr(ids, labels=labels)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     fp32 = tiny_model("gpt2")
-    cggr = CGGRModel(fp32, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
+    cggr = CGGRModel(fp32, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)
     recorder = RowRecorder(fp32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = cggr(ids, labels=labels)
@@ -422,7 +422,7 @@ def test_fused_loss_matches_model_loss(family):
     plain_loss = plain(ids, attention_mask=mask, labels=labels).loss
     plain_loss.backward()
     model = tiny_model(family)
-    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2, loss_impl="fused")
+    cggr = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=2, loss_impl="fused")
     loss = cggr(ids, labels=labels, attention_mask=mask)
     loss.backward()
     torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
@@ -435,10 +435,10 @@ def test_fused_loss_matches_model_loss(family):
 def test_fused_rows_and_token_ratio():
     ids, labels = batch(B=8)
     model = tiny_model("llama")
-    eager = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2)
-    fused = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl="fused")
+    eager = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2)
+    fused = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, loss_impl="fused")
     torch.testing.assert_close(fused(ids, labels=labels), eager(ids, labels=labels), rtol=1e-5, atol=1e-6)
-    half = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl="fused",
+    half = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, loss_impl="fused",
                      token_ratio=0.5)
     recorder = RowRecorder(model.model)    # fused mode runs the base model
     loss = half(ids, labels=labels)
@@ -451,6 +451,24 @@ def test_fused_rows_and_token_ratio():
     torch.testing.assert_close(loss.detach(), torch.topk(nll, 11).values.mean(), rtol=1e-5, atol=1e-6)
     assert half.get_metrics()["tokens_selected"] == 11
     with pytest.raises(ValueError, match="token_ratio < 1 .* needs loss_impl='fused'"):
-        CGGRModel(model, router_layers=2, token_ratio=0.5)
+        CGGRModel(model, selection="hardest", router_layers=2, token_ratio=0.5)
     with pytest.raises(ValueError, match="loss_impl must be one of"):
-        CGGRModel(model, router_layers=2, loss_impl="liger")
+        CGGRModel(model, selection="hardest", router_layers=2, loss_impl="liger")
+
+
+def test_auto_selection_follows_the_measurements():
+    # BENCHMARKS.md: without a reference, router difficulty never beat random rows on the data mix;
+    # with one (excess loss), the hardest rows won. 'auto' encodes exactly that.
+    plain = CGGRModel(tiny_model("llama"), router_layers=2)
+    assert plain.selection == "random" and plain.router is None  # no router pass at all
+    excess = CGGRModel(tiny_model("llama"), router_layers=2, scoring="excess_loss")
+    assert excess.selection == "hardest" and excess.router is not None
+    # the dynamic threshold reads the router's batch confidence, so random rows still get a router
+    dynamic = CGGRModel(tiny_model("llama"), router_layers=2, dynamic_threshold=True, warmup_steps=0,
+                        min_tokens_ratio=0.5)
+    assert dynamic.selection == "random" and dynamic.router is not None
+    ids, labels = batch(B=8)
+    loss = dynamic(ids, labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert 0 < dynamic.get_metrics()["sequences_selected"] <= 8

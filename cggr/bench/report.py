@@ -9,6 +9,11 @@ Metrics (per regime; "headline" = the regime's primary validation loss: the mean
   evaluations (so its resolution is ``--eval-every``); ``speed-up`` is the standard run's training time
   over that time. Runs that never reach it count in "reached n/N" and not in the mean.
 - ``tok/s``: tokens drawn from the data per training second; ``step ms``: mean training time per step.
+- ``mix val`` (pretrain): the per-source validation losses weighted by each source's share of the
+  training rows, i.e. the loss on the data's own mix (the headline weighs every source the same, so a
+  policy that shifts training towards small, hard sources looks better on it than on the mix).
+- ``others val`` (finetune, target): mean validation loss of the sources other than the headline's
+  (forgetting, or what the target focus costs elsewhere).
 Every number is a mean over seeds, ``± sd`` the sample standard deviation when there are several.
 """
 import csv
@@ -39,6 +44,18 @@ def load_runs(out: str) -> List[dict]:
 
 def headline(val: Dict[str, float], primary: Optional[str]) -> float:
     return float(np.mean(list(val.values()))) if primary is None else val[primary]
+
+
+def mix_loss(val: Dict[str, float], share: Optional[Dict[str, float]]) -> Optional[float]:
+    """Validation loss weighted by the training mix (None for runs recorded without the shares)."""
+    if not share:
+        return None
+    return float(sum(share[s] * val[s] for s in share) / sum(share.values()))
+
+
+def others_loss(val: Dict[str, float], primary: Optional[str]) -> Optional[float]:
+    others = [v for s, v in val.items() if s != primary]
+    return float(np.mean(others)) if primary is not None and others else None
 
 
 def time_to_reach(curve: List[dict], primary: Optional[str], target: float):
@@ -82,7 +99,9 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                 item = {"seed": r["seed"], "val": headline(r["final_val"], r["primary"]),
                         "test": headline(r["test"], r["primary"]), "tokens_per_s": r["tokens_per_s"],
                         "step_time_ms": r["step_time_ms"], "val_per_source": r["final_val"],
-                        "diverged": r["diverged"], "time_to_std": None, "tokens_to_std": None, "speedup": None}
+                        "diverged": r["diverged"], "time_to_std": None, "tokens_to_std": None, "speedup": None,
+                        "mix_val": mix_loss(r["final_val"], r.get("train_source_share")),
+                        "others_val": others_loss(r["final_val"], r["primary"])}
                 std = standard.get(r["seed"])
                 if std is not None and not r["diverged"]:
                     reached = time_to_reach(r["curve"], r["primary"], headline(std["final_val"], std["primary"]))
@@ -95,7 +114,8 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                    "reached": sum(p["time_to_std"] is not None for p in per_seed),
                    "has_standard": all(p["seed"] in standard for p in per_seed),
                    "diverged": sum(p["diverged"] for p in per_seed), "per_seed": per_seed}
-            for key in ("val", "test", "time_to_std", "tokens_to_std", "speedup", "tokens_per_s", "step_time_ms"):
+            for key in ("val", "test", "time_to_std", "tokens_to_std", "speedup", "tokens_per_s", "step_time_ms",
+                        "mix_val", "others_val"):
                 row[key], row[key + "_sd"] = _mean_sd([p[key] for p in per_seed])
             sources = sorted(per_seed[0]["val_per_source"])
             row["val_per_source"] = {s: _mean_sd([p["val_per_source"][s] for p in per_seed])[0] for s in sources}
@@ -122,14 +142,16 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
         first = next(r for r in runs if r["regime"] == regime)
         primary = first["primary"] or "mean over sources"
         st = first["settings"]
+        extra_key = "mix_val" if first["primary"] is None else "others_val"
+        extra_name = "mix val" if first["primary"] is None else "others val"
         lines += [f"## {regime}", "",
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
                   f"{'s' if st['budget_kind'] == 'time' else 'tokens'} per configuration, lr {st['lr']:g}, "
                   f"{st['dtype']} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
-                  "tok/s | step ms |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  f"tok/s | step ms | {extra_name} |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             n = len(r["seeds"])
             reached = f"{r['reached']}/{n}" if r["has_standard"] else "no std run"
@@ -141,7 +163,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                 f"{_fmt(r['time_to_std'], r['time_to_std_sd'], 1)} | "
                 f"{_fmt(r['tokens_to_std'], r['tokens_to_std_sd'], 2, 1e-6)} | {reached} | "
                 f"{_fmt(r['speedup'], r['speedup_sd'], 2)} | {_fmt(r['tokens_per_s'], None, 0)} | "
-                f"{_fmt(r['step_time_ms'], None, 1)} |")
+                f"{_fmt(r['step_time_ms'], None, 1)} | {_fmt(r[extra_key], r[extra_key + '_sd'])} |")
         sources = sorted(rows[0]["val_per_source"])
         lines += ["", "Final validation loss per source:", "",
                   "| config | ratio | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]

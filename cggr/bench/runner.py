@@ -158,6 +158,11 @@ class Bench:
                               D.rows_from_tokens(pool_part, c.sources.index(s.target_source), c.sources,
                                                  self.row_len)])
 
+    def train_source_share(self) -> Dict[str, float]:
+        """Fraction of the training rows from each source: the data mix the report weighs losses by."""
+        counts = np.bincount(self.train_rows.source_ids, minlength=len(self.corpus.sources))
+        return {name: float(c) / len(self.train_rows) for name, c in zip(self.corpus.sources, counts) if c}
+
     def _check_out_dir(self):
         for name in sorted(os.listdir(self.runs_dir)):
             if not name.startswith(self.s.regime + "__") or not name.endswith(".json"):
@@ -345,6 +350,7 @@ class Bench:
             "step_time_ms": 1e3 * result.train_time / result.steps if result.steps else None,
             "host_ms_per_step": 1e3 * result.host_time / result.steps if result.steps else None,
             "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
+            "train_source_share": self.train_source_share(),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
         }

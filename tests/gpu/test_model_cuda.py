@@ -91,9 +91,9 @@ def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
 def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
     ids, labels = batch()
     eager_model = llama()
-    eager = CGGRModel(eager_model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, loss_impl=loss_impl)
+    eager = CGGRModel(eager_model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, loss_impl=loss_impl)
     compiled_model = llama()
-    compiled = CGGRModel(compiled_model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2,
+    compiled = CGGRModel(compiled_model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2,
                          loss_impl=loss_impl, compile="all")
     expected = eager(ids, labels=labels)
     expected.backward()
@@ -130,7 +130,7 @@ def test_ratio_one_equals_plain_model_bf16():
     plain_loss = plain(ids, labels=labels).loss
     plain_loss.backward()
     model = llama()
-    loss = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, router_layers=2)(ids, labels=labels)
+    loss = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=2)(ids, labels=labels)
     loss.backward()
     torch.testing.assert_close(loss, plain_loss)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -148,6 +148,6 @@ def test_fused_loss_at_smollm_head_size():
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(2)
     ids = torch.randint(0, 49152, (8, 512), device="cuda", generator=g)
-    eager = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2)(ids, labels=ids)
-    fused = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=2, loss_impl="fused")(ids, labels=ids)
+    eager = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2)(ids, labels=ids)
+    fused = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2, loss_impl="fused")(ids, labels=ids)
     torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-2, atol=1e-2)
