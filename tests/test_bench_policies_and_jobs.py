@@ -1,0 +1,122 @@
+"""cggr bench pieces added for the policy study: reference-ranked rows, cache locks shared by concurrent
+jobs, the data-mix and other-sources report columns, and the multi-GPU job runner (on the CPU)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cggr.bench import report
+from cggr.bench.configs import Batch, StepContext, _choose_reference_stratified
+from cggr.bench.runner import cache_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("bench_multi_gpu", os.path.join(ROOT, "scripts", "bench_multi_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batch(host_index):
+    n = len(host_index)
+    return Batch(torch.zeros(n, 3, dtype=torch.long), torch.as_tensor(host_index), np.zeros(n, dtype=np.int64),
+                 np.asarray(host_index))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8])
+def test_reference_stratified_takes_the_lowest_reference_rows_then_random(k):
+    rng_data = np.random.default_rng(k)
+    row_nll = rng_data.permutation(100).astype(np.float32)          # distinct values: a unique order
+    host_index = rng_data.choice(100, size=8, replace=False)
+    ctx = StepContext(seed=0, reference_row_nll=row_nll)
+    picked = _choose_reference_stratified(_batch(host_index), k, np.random.default_rng(0), ctx)
+    assert len(picked) == k and len(set(picked.tolist())) == k and picked.min() >= 0 and picked.max() < 8
+    k_low = (k + 1) // 2
+    lowest = set(np.argsort(row_nll[host_index])[:k_low].tolist())
+    assert lowest <= set(picked.tolist())
+    # the filler is random: over many draws every other row of the batch gets picked sometimes
+    if k > k_low:
+        seen = set()
+        rng = np.random.default_rng(1)
+        for _ in range(200):
+            seen |= set(_choose_reference_stratified(_batch(host_index), k, rng, ctx).tolist())
+        assert seen == set(range(8))
+
+
+def test_cache_lock_serialises_two_holders(tmp_path):
+    path = str(tmp_path / "reference" / "x.npy")
+    events = []
+
+    def hold(name, delay):
+        with cache_lock(path):
+            events.append((name, "in"))
+            time.sleep(delay)
+            events.append((name, "out"))
+
+    first = threading.Thread(target=hold, args=("a", 0.3))
+    first.start()
+    time.sleep(0.05)
+    second = threading.Thread(target=hold, args=("b", 0.0))
+    second.start()
+    first.join()
+    second.join()
+    assert events == [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")]
+
+
+def test_mix_and_other_sources_losses():
+    val = {"a": 1.0, "b": 3.0, "c": 5.0}
+    assert report.mix_loss(val, {"a": 0.5, "b": 0.25, "c": 0.25}) == pytest.approx(2.5)
+    assert report.mix_loss(val, None) is None          # runs recorded before the shares were stored
+    assert report.others_loss(val, "a") == pytest.approx(4.0)
+    assert report.others_loss(val, None) is None       # pretrain: the headline already covers every source
+
+
+def test_job_file_parsing(tmp_path):
+    runner = _load_runner()
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("# comment\n\nfirst --regime target --seeds 0  # trailing\nsecond --seeds 1\n")
+    assert runner.parse_jobs(str(jobs)) == [("first", ["--regime", "target", "--seeds", "0"]),
+                                            ("second", ["--seeds", "1"])]
+    assert runner.regime_of(["--regime", "target"]) == "target" and runner.regime_of([]) == "pretrain"
+    jobs.write_text("same --seeds 0\nsame --seeds 1\n")
+    with pytest.raises(ValueError, match="unique"):
+        runner.parse_jobs(str(jobs))
+    jobs.write_text("bad/name --seeds 0\n")
+    with pytest.raises(ValueError, match="job name 'bad/name'"):
+        runner.parse_jobs(str(jobs))
+
+
+def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
+    """Two jobs of one regime on two workers share a cache (one reference model) and merge into one report."""
+    jobs = tmp_path / "jobs.txt"
+    common = "--regime target --ratios 0.5 --seeds 0 --reference-budget 64"
+    jobs.write_text(f"a {common} --configs standard reference_stratified\nb {common} --configs excess oracle\n")
+    root = tmp_path / "root"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_multi_gpu.py"), "--gpus", "0", "1",
+           "--root", str(root), "--jobs", str(jobs), "--wall", "600", "--",
+           "--seq-len", "16", "--batch-size", "4", "--token-budget", "128", "--eval-every", "64",
+           "--eval-rows", "2", "--untimed-warmup-steps", "1", "--router-layers", "1", "--device", "cpu",
+           "--cache-dir", str(tmp_path / "cache")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    merged = root / "merged" / "target"
+    runs = sorted(os.listdir(merged / "runs"))
+    assert runs == [f"target__{c}__r{r}__s0.json" for c, r in
+                    [("excess", "0.5"), ("oracle", "0.5"), ("reference_stratified", "0.5"), ("standard", "full")]]
+    assert (merged / "summary.md").read_text().count("| reference_stratified | 0.5 |") == 2  # main + per-source
+    references = {json.load(open(merged / "runs" / r))["reference"]["steps"] for r in runs if "standard" not in r}
+    assert len(references) == 1  # one reference model for the seed, trained once under the lock
+    logs = "".join((root / "logs" / f"{n}.log").read_text() for n in "ab")
+    assert logs.count("target: reference model") == 1 and "reference NLL" in logs
+    share = json.load(open(merged / "runs" / runs[0]))["train_source_share"]
+    assert set(share) == {"fortunes", "python_doc", "shakespeare", "wordnet_glosses"}
+    assert sum(share.values()) == pytest.approx(1.0)
