@@ -1,4 +1,8 @@
-"""CGGRModel: score every sequence with a cheap truncated router, train the full model on the hardest rows.
+"""CGGRModel: score every sequence with a cheap truncated router, train the full model on part of the rows.
+
+Which part is the row policy's choice. The default (``selection='auto'``, ``default_selection``) follows
+the ``cggr bench`` measurements: the rows with the highest excess loss when a reference NLL is given
+(``scoring='excess_loss'``), otherwise uniformly random rows without a router pass.
 
 One training step (``loss = cggr_model(input_ids, labels=labels, attention_mask=mask)``):
 
