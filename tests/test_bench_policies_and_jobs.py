@@ -78,6 +78,11 @@ def test_mix_and_other_sources_losses():
     assert report.mix_loss(val, None) is None          # runs recorded before the shares were stored
     assert report.others_loss(val, "a") == pytest.approx(4.0)
     assert report.others_loss(val, None) is None       # pretrain: the headline already covers every source
+    curve = [{"time": 0.0, "tokens": 0, "val": {"a": 4.0, "b": 8.0}},
+             {"time": 10.0, "tokens": 100, "val": {"a": 2.0, "b": 8.0}}]
+    # mix 0.75 a + 0.25 b: 5.0 -> 3.5; it reaches 4.25 halfway, where the unweighted mean (6.0 -> 5.0) is 5.5
+    assert report.time_to_reach(curve, None, 4.25, {"a": 0.75, "b": 0.25}) == (5.0, 50.0)
+    assert report.time_to_reach(curve, None, 4.25) is None
 
 
 def test_job_file_parsing(tmp_path):

@@ -9,8 +9,8 @@ Metrics (per regime; "headline" = the regime's primary validation loss: the mean
   evaluations (so its resolution is ``--eval-every``); ``speed-up`` is the standard run's training time
   over that time. Runs that never reach it count in "reached n/N" and not in the mean.
 - ``tok/s``: tokens drawn from the data per training second; ``step ms``: mean training time per step.
-- ``mix val`` (pretrain): the per-source validation losses weighted by each source's share of the
-  training rows, i.e. the loss on the data's own mix (the headline weighs every source the same, so a
+- ``mix val``, ``mix: time to std`` (pretrain): the per-source validation losses weighted by each
+  source's share of the training rows, and the time to reach standard's final loss so weighted, i.e. the loss on the data's own mix (the headline weighs every source the same, so a
   policy that shifts training towards small, hard sources looks better on it than on the mix).
 - ``others val`` (finetune, target): mean validation loss of the sources other than the headline's
   (forgetting, or what the target focus costs elsewhere).
@@ -58,11 +58,12 @@ def others_loss(val: Dict[str, float], primary: Optional[str]) -> Optional[float
     return float(np.mean(others)) if primary is not None and others else None
 
 
-def time_to_reach(curve: List[dict], primary: Optional[str], target: float):
-    """(seconds, tokens) when the headline val loss first reaches ``target``, interpolated; None if never."""
+def time_to_reach(curve: List[dict], primary: Optional[str], target: float, share: Optional[Dict[str, float]] = None):
+    """(seconds, tokens) when the headline val loss (with ``share``: the mix loss) first reaches ``target``,
+    interpolated; None if never."""
     prev = None
     for point in curve:
-        loss = headline(point["val"], primary)
+        loss = headline(point["val"], primary) if share is None else mix_loss(point["val"], share)
         if loss <= target:
             if prev is None or not math.isfinite(prev[0]):
                 return point["time"], point["tokens"]
@@ -101,8 +102,12 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                         "step_time_ms": r["step_time_ms"], "val_per_source": r["final_val"],
                         "diverged": r["diverged"], "time_to_std": None, "tokens_to_std": None, "speedup": None,
                         "mix_val": mix_loss(r["final_val"], r.get("train_source_share")),
-                        "others_val": others_loss(r["final_val"], r["primary"])}
+                        "others_val": others_loss(r["final_val"], r["primary"]), "mix_time_to_std": None}
                 std = standard.get(r["seed"])
+                share = r.get("train_source_share")
+                if std is not None and not r["diverged"] and share and r["primary"] is None:
+                    reached = time_to_reach(r["curve"], None, mix_loss(std["final_val"], share), share)
+                    item["mix_time_to_std"] = None if reached is None else reached[0]
                 if std is not None and not r["diverged"]:
                     reached = time_to_reach(r["curve"], r["primary"], headline(std["final_val"], std["primary"]))
                     if reached is not None:
@@ -115,7 +120,7 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                    "has_standard": all(p["seed"] in standard for p in per_seed),
                    "diverged": sum(p["diverged"] for p in per_seed), "per_seed": per_seed}
             for key in ("val", "test", "time_to_std", "tokens_to_std", "speedup", "tokens_per_s", "step_time_ms",
-                        "mix_val", "others_val"):
+                        "mix_val", "others_val", "mix_time_to_std"):
                 row[key], row[key + "_sd"] = _mean_sd([p[key] for p in per_seed])
             sources = sorted(per_seed[0]["val_per_source"])
             row["val_per_source"] = {s: _mean_sd([p["val_per_source"][s] for p in per_seed])[0] for s in sources}
@@ -143,7 +148,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
         primary = first["primary"] or "mean over sources"
         st = first["settings"]
         extra_key = "mix_val" if first["primary"] is None else "others_val"
-        extra_name = "mix val" if first["primary"] is None else "others val"
+        extra_name = "mix val | mix: time to std (s)" if first["primary"] is None else "others val"
         lines += [f"## {regime}", "",
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
@@ -151,7 +156,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"{st['dtype']} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if first["primary"] is None else "")]
         for r in rows:
             n = len(r["seeds"])
             reached = f"{r['reached']}/{n}" if r["has_standard"] else "no std run"
@@ -163,7 +168,8 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                 f"{_fmt(r['time_to_std'], r['time_to_std_sd'], 1)} | "
                 f"{_fmt(r['tokens_to_std'], r['tokens_to_std_sd'], 2, 1e-6)} | {reached} | "
                 f"{_fmt(r['speedup'], r['speedup_sd'], 2)} | {_fmt(r['tokens_per_s'], None, 0)} | "
-                f"{_fmt(r['step_time_ms'], None, 1)} | {_fmt(r[extra_key], r[extra_key + '_sd'])} |")
+                f"{_fmt(r['step_time_ms'], None, 1)} | {_fmt(r[extra_key], r[extra_key + '_sd'])} |"
+                + (f" {_fmt(r['mix_time_to_std'], r['mix_time_to_std_sd'], 1)} |" if first["primary"] is None else ""))
         sources = sorted(rows[0]["val_per_source"])
         lines += ["", "Final validation loss per source:", "",
                   "| config | ratio | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]
