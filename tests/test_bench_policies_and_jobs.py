@@ -125,3 +125,23 @@ def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     share = json.load(open(merged / "runs" / runs[0]))["train_source_share"]
     assert set(share) == {"fortunes", "python_doc", "shakespeare", "wordnet_glosses"}
     assert sum(share.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("regime,configs", [("pretrain", ["standard", "cggr_hardest", "cggr_loss"]),
+                                            ("target", ["excess", "reference_stratified"]),
+                                            ("finetune", ["random"])])
+def test_bf16_weights_runs_every_kind_of_step(tmp_path, regime, configs):
+    """--dtype bf16-weights: the model (and the reference / stage-1 models) in bfloat16, no autocast."""
+    from cggr.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["bench", "--regime", regime, "--configs", *configs, "--ratios", "0.5", "--dtype", "bf16-weights",
+               "--seq-len", "16", "--batch-size", "4", "--token-budget", "128", "--eval-every", "64",
+               "--eval-rows", "2", "--untimed-warmup-steps", "1", "--router-layers", "1", "--device", "cpu",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0
+    for name in os.listdir(out / "runs"):
+        run = json.load(open(out / "runs" / name))
+        assert run["settings"]["dtype"] == "bf16-weights" and run["param_dtype"] == "bfloat16"
+        assert not run["diverged"]
+        assert all(np.isfinite(v) for v in run["final_val"].values())

@@ -71,8 +71,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--warmup-frac", type=float, default=0.05, help="LR warm-up, fraction of the budget")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="bf16 = autocast over float32 weights; default: bf16 on cuda, fp32 on cpu")
+    g.add_argument("--dtype", choices=("bf16", "bf16-weights", "fp32"), default=None,
+                   help="bf16 = autocast over float32 weights; bf16-weights = model and optimizer state in "
+                        "bfloat16, no autocast (fewer kernels a step); default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--router-layers", type=int, default=4,
                    help="CGGRModel router depth (capped at the model's layers - 1)")
     g.add_argument("--selection-warmup-steps", type=int, default=0,

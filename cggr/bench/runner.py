@@ -89,12 +89,23 @@ def settings_hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# bf16: autocast over float32 weights (float32 master weights and optimizer state).
+# bf16-weights: the model and the optimizer state in bfloat16, no autocast: fewer kernels per step (no
+# weight casts, no float32 gradient accumulation), which matters when small selective steps are bound by
+# the host's kernel launches; the step benchmark (benchmarks/bench_model_step.py) times this setting.
+DTYPES = ("bf16", "bf16-weights", "fp32")
+
+
 def autocast_for(device: torch.device, dtype: str):
-    if dtype == "fp32":
+    if dtype in ("fp32", "bf16-weights"):
         return contextlib.nullcontext
     if dtype == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+
+
+def weights_dtype(dtype: str) -> torch.dtype:
+    return torch.bfloat16 if dtype == "bf16-weights" else torch.float32
 
 
 @contextlib.contextmanager
@@ -122,6 +133,7 @@ class Bench:
         self.corpus, self.log = corpus, log
         self.device = torch.device(s.device)
         self.autocast = autocast_for(self.device, s.dtype)
+        self.weights_dtype = weights_dtype(s.dtype)
         self.fields = s.key_fields(corpus.path)
         self.hash = settings_hash(self.fields)
         self.row_len = s.seq_len + 1
@@ -193,7 +205,7 @@ class Bench:
         c = self.corpus
         others = [n for n in c.sources if n != self.s.finetune_source]
         rows = D.build_rows(c, "train", others, self.row_len)
-        model = self.model_source.make(seed, self.device)
+        model = self.model_source.make(seed, self.device).to(self.weights_dtype)
         check_vocab(model, c.vocab_size)
         self.log(f"finetune: stage 1, standard recipe on {others}, {self.s.budget_kind} budget "
                  f"{self._sub_budget(self.s.init_budget).amount:g}")
@@ -232,7 +244,8 @@ class Bench:
             c, s = self.corpus, self.s
             ref_tokens, _ = D.split_documents_of_stream(c, s.target_source, "train", s.reference_frac)
             rows = D.rows_from_tokens(ref_tokens, c.sources.index(s.target_source), c.sources, self.row_len)
-            model = build_preset(s.reference_preset, c.vocab_size, self.row_len, seed, c.eot_id).to(self.device)
+            model = build_preset(s.reference_preset, c.vocab_size, self.row_len, seed, c.eot_id).to(
+                self.device, self.weights_dtype)
             self.log(f"target: reference model ({s.reference_preset}) on {len(rows)} clean rows of {s.target_source}")
             result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
                            self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
@@ -329,6 +342,7 @@ class Bench:
             model = load_checkpoint(prep["init"]).to(self.device).train()
         else:
             model = self.model_source.make(seed, self.device)
+        model = model.to(self.weights_dtype)
         check_vocab(model, self.corpus.vocab_size)
         ctx = StepContext(seed=seed, selection_warmup_steps=s.selection_warmup_steps,
                           router_layers=min(s.router_layers, model.config.num_hidden_layers - 1))
@@ -351,6 +365,7 @@ class Bench:
             "host_ms_per_step": 1e3 * result.host_time / result.steps if result.steps else None,
             "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
             "train_source_share": self.train_source_share(),
+            "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
         }
