@@ -7,6 +7,7 @@ import time
 from . import data as D
 from .configs import REGIMES, default_configs
 from .models import PRESETS
+from .runner import DTYPES
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -71,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     g.add_argument("--warmup-frac", type=float, default=0.05, help="LR warm-up, fraction of the budget")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    g.add_argument("--dtype", choices=("bf16", "bf16-weights", "fp32"), default=None,
+    g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="bf16 = autocast over float32 weights; bf16-weights = model and optimizer state in "
                         "bfloat16, no autocast (fewer kernels a step); default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--router-layers", type=int, default=4,

@@ -27,7 +27,7 @@ class Batch:
     rows: torch.Tensor        # [B, seq_len + 1] int64 on the training device
     index: torch.Tensor       # [B] int64 indices of the rows in the training RowSet (device)
     source_ids: np.ndarray    # [B] int64 source index of every row (host: the oracle decides on the host)
-    host_index: Optional[np.ndarray] = None  # [B] int64, ``index`` on the host (host-side policies)
+    host_index: np.ndarray    # [B] int64, ``index`` on the host (host-side policies)
 
 
 @dataclasses.dataclass

@@ -9,9 +9,10 @@ Metrics (per regime; "headline" = the regime's primary validation loss: the mean
   evaluations (so its resolution is ``--eval-every``); ``speed-up`` is the standard run's training time
   over that time. Runs that never reach it count in "reached n/N" and not in the mean.
 - ``tok/s``: tokens drawn from the data per training second; ``step ms``: mean training time per step.
-- ``mix val``, ``mix: time to std`` (pretrain): the per-source validation losses weighted by each
-  source's share of the training rows, and the time to reach standard's final loss so weighted, i.e. the loss on the data's own mix (the headline weighs every source the same, so a
-  policy that shifts training towards small, hard sources looks better on it than on the mix).
+- ``mix val`` (pretrain): the per-source validation losses weighted by each source's share of the
+  training rows, i.e. the loss on the data's own mix (the headline weighs every source the same, so a
+  policy that shifts training towards small, hard sources looks better on it than on the mix);
+  ``mix: time to std``: time to std measured on that loss.
 - ``others val`` (finetune, target): mean validation loss of the sources other than the headline's
   (forgetting, or what the target focus costs elsewhere).
 Every number is a mean over seeds, ``± sd`` the sample standard deviation when there are several.
@@ -147,8 +148,9 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
         first = next(r for r in runs if r["regime"] == regime)
         primary = first["primary"] or "mean over sources"
         st = first["settings"]
-        extra_key = "mix_val" if first["primary"] is None else "others_val"
-        extra_name = "mix val | mix: time to std (s)" if first["primary"] is None else "others val"
+        pretrain = first["primary"] is None  # pretrain shows the data-mix view, the others the other sources
+        extra_key = "mix_val" if pretrain else "others_val"
+        extra_name = "mix val | mix: time to std (s)" if pretrain else "others val"
         lines += [f"## {regime}", "",
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
@@ -156,7 +158,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"{st['dtype']} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if first["primary"] is None else "")]
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pretrain else "")]
         for r in rows:
             n = len(r["seeds"])
             reached = f"{r['reached']}/{n}" if r["has_standard"] else "no std run"
@@ -169,7 +171,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                 f"{_fmt(r['tokens_to_std'], r['tokens_to_std_sd'], 2, 1e-6)} | {reached} | "
                 f"{_fmt(r['speedup'], r['speedup_sd'], 2)} | {_fmt(r['tokens_per_s'], None, 0)} | "
                 f"{_fmt(r['step_time_ms'], None, 1)} | {_fmt(r[extra_key], r[extra_key + '_sd'])} |"
-                + (f" {_fmt(r['mix_time_to_std'], r['mix_time_to_std_sd'], 1)} |" if first["primary"] is None else ""))
+                + (f" {_fmt(r['mix_time_to_std'], r['mix_time_to_std_sd'], 1)} |" if pretrain else ""))
         sources = sorted(rows[0]["val_per_source"])
         lines += ["", "Final validation loss per source:", "",
                   "| config | ratio | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]

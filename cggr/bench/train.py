@@ -176,7 +176,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         optimizer.zero_grad(set_to_none=True)
         step_obj.after_step()
         loss_sum += loss.detach().float()
-        host_time += time.perf_counter() - start  # close to elapsed: the step is bound by the host's launches
+        host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
         _sync(device)
         elapsed = time.perf_counter() - start
         train_time += elapsed
