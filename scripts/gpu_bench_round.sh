@@ -2,7 +2,9 @@
 # One round of the multi-GPU `cggr bench` session on a 4-GPU machine (the device tool's 10-minute calls):
 # build once, optionally the GPU test suite + selective-CE benchmark on GPU 0 first, then the jobs files
 # spread over the GPUs by scripts/bench_multi_gpu.py; everything lands in $ROOT and a tarball in $OUT.
-# Usage: bash scripts/gpu_bench_round.sh WALL_SECONDS MODE JOBS_FILE...   (MODE: tests | bench)
+# Usage: [BENCH_EXTRA=...] [CE_BENCH=0] bash scripts/gpu_bench_round.sh WALL_SECONDS MODE JOBS_FILE...
+#   MODE tests: GPU tests (then the selective-CE benchmark unless CE_BENCH=0) on GPU 0, the first jobs
+#   file on GPUs 1-3, the second on GPU 0 once its tests are done; MODE bench: all files on every GPU.
 # Runs left unfinished by the wall are picked up by the next round on the same (warm) machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,14 +22,18 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/cggr_site ]; then
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/cggr_site $(ls .whl/*.whl | grep -v cggr-0.5.0)
 fi
 echo "built in $(( $(date +%s) - start )) s"
+# BENCH_EXTRA adds settings to every job (e.g. --compile); the runs of one setting share a results folder.
 COMMON="--corpus .gpu_data/bench/tokens-e4c5a968d4d74aca91e8.npz --model-preset smollm-135m --seq-len 1024
-  --batch-size 32 --lr 1e-3 --dtype bf16 --eval-every 5 --eval-rows 64 --cache-dir /tmp/cggr_bench_cache"
+  --batch-size 32 --lr 1e-3 --dtype bf16 --eval-every 5 --eval-rows 64 --cache-dir /tmp/cggr_bench_cache
+  ${BENCH_EXTRA:-}"
 left=$(( wall - ($(date +%s) - start) - 40 ))
 if [ "$mode" = tests ]; then
   ( export CUDA_VISIBLE_DEVICES=0
     t0=$(date +%s); $py -m pytest tests -q -p no:cacheprovider > "$ROOT/pytest.log" 2>&1
     echo "tests: exit $? in $(( $(date +%s) - t0 )) s: $(tail -1 "$ROOT/pytest.log")" > "$ROOT/tests.txt"
-    PYTHONPATH=/tmp/cggr_site $py -m benchmarks.bench_selective_ce --out "$ROOT" > "$ROOT/bench_selective_ce.log" 2>&1
+    if [ "${CE_BENCH:-1}" = 1 ]; then  # CE_BENCH=0: the GPU tests only
+      PYTHONPATH=/tmp/cggr_site $py -m benchmarks.bench_selective_ce --out "$ROOT" > "$ROOT/bench_selective_ce.log" 2>&1
+    fi
     rest=$(( left - ($(date +%s) - start) ))
     [ $rest -gt 120 ] && $py scripts/bench_multi_gpu.py --gpus 0 --root "$ROOT" --jobs "$2" --wall $rest -- $COMMON \
       > "$ROOT/queue_gpu0.log" 2>&1 ) &

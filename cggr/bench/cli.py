@@ -80,6 +80,10 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--selection-warmup-steps", type=int, default=0,
                    help="curriculum from ratio 1 down to the ratio over this many steps, for every selective "
                         "configuration (0: the ratio from the first step)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile every decoder block in place (inductor, static shapes), for every "
+                        "configuration alike; graphs are compiled before the clock starts (needs a fixed row "
+                        "count: --selection-warmup-steps 0)")
     g.add_argument("--untimed-warmup-steps", type=int, default=2,
                    help="steps on a throw-away copy before each timed run")
 
@@ -143,6 +147,9 @@ def settings_from_args(args, parser, log):
                         ("--reference-budget", args.reference_budget)):
         if value is not None and value <= 0:
             parser.error(f"{name} must be > 0")
+    if args.compile and args.selection_warmup_steps:
+        parser.error("--compile compiles one graph per row count: the selection curriculum "
+                     "(--selection-warmup-steps > 0) would change it every step, compiling inside the clock")
     if not all(0 < r <= 1 for r in args.ratios):
         parser.error("--ratios must be in (0, 1]")
 
@@ -157,7 +164,7 @@ def settings_from_args(args, parser, log):
             router_layers=args.router_layers, selection_warmup_steps=args.selection_warmup_steps,
             finetune_source=args.finetune_source, target_source=args.target_source,
             reference_preset=args.reference_preset, reference_frac=args.reference_frac,
-            untimed_warmup_steps=args.untimed_warmup_steps, out=args.out,
+            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, out=args.out,
             cache_dir=args.cache_dir)
     return settings, corpus
 

@@ -181,15 +181,20 @@ def build_oracle(model, ratio, ctx):
     return RowSubset(model, ratio, ctx, _choose_oracle)
 
 
-def cggr_model_builder(policy: str, scoring: Optional[str] = None):
+def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_layers: Optional[int] = None):
+    """``max_router_layers``: a shallower router than ``--router-layers`` for this configuration alone."""
     def build(model, ratio, ctx):
         from cggr.model import CGGRModel
 
         kwargs = {} if scoring is None else {"scoring": scoring}
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection=policy,
-                      router_layers=ctx.router_layers, seed=ctx.seed, **kwargs)
+                      router_layers=router_depth(ctx, max_router_layers), seed=ctx.seed, **kwargs)
         return CGGRModelStep(m, ctx.reference_token_nll if scoring == "excess_loss" else None)
     return build
+
+
+def router_depth(ctx: StepContext, max_router_layers: Optional[int]) -> int:
+    return ctx.router_layers if max_router_layers is None else min(ctx.router_layers, max_router_layers)
 
 
 def cggr_loss_builder(scoring: Optional[str] = None):
@@ -219,6 +224,7 @@ class Config:
     uses_ratio: bool
     regimes: tuple
     doc: str
+    max_router_layers: Optional[int] = None  # recorded: the router depth this configuration really used
 
 
 _ALL = REGIMES
@@ -232,6 +238,8 @@ CONFIGS: Dict[str, Config] = {
     "oracle": Config(build_oracle, True, ("target",), "target-domain rows first, random filler"),
     "excess": Config(_require_reference(cggr_model_builder("hardest", "excess_loss")), True, ("target",),
                      "CGGRModel rows with the highest router NLL minus reference NLL (RHO-LOSS)"),
+    "excess_router2": Config(_require_reference(cggr_model_builder("hardest", "excess_loss", 2)), True,
+                             ("target",), "excess with a 2-block router (half the router's blocks)", 2),
     "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),

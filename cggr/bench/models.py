@@ -89,6 +89,46 @@ class ModelSource:
         return model.to(device).train()
 
 
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The repeated blocks of a Hugging Face causal LM (``layers`` of Llama-style models, ``h`` of GPT-2)."""
+    base = getattr(model, "base_model", None)
+    for name in ("layers", "h"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return blocks
+    raise TypeError(f"{type(model).__name__}: no decoder blocks found (looked for base_model.layers and "
+                    "base_model.h as a non-empty nn.ModuleList)")
+
+
+def compile_decoder_blocks(model, **options):
+    """``torch.compile`` every decoder block in place (``nn.Module.compile``), static shapes.
+
+    In place, so that everything that calls the blocks runs them compiled: the training forward, the
+    CGGRModel router (it calls the model's own first blocks) and evaluation. Blocks of one shape share one
+    graph per (shape, grad mode, caller's keywords): a 30-block model compiles a handful of graphs, not 30.
+    What stays eager around them (embedding, final norm, LM head, loss, optimizer) is the same for every
+    configuration. Static shapes (``dynamic=False``): each row count is its own graph, so a configuration
+    must keep one row count (no selection curriculum) to compile outside the clock only.
+    """
+    import torch._dynamo
+
+    # Past the recompile limit Dynamo would quietly run the block eagerly: fail instead. Every block of
+    # every model in the process shares one code object, hence one limit: a reference model, a trained
+    # model, grad and no-grad callers and a few row counts are about 8 graphs already; 64 leaves room.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    options.setdefault("dynamic", False)
+    for block in decoder_blocks(model):
+        block.compile(**options)
+
+
+def compiled_graph_count() -> int:
+    """Graphs Dynamo has compiled in this process so far (its own statistics counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def check_vocab(model, vocab_size: int):
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:

@@ -155,7 +155,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
                   f"{'s' if st['budget_kind'] == 'time' else 'tokens'} per configuration, lr {st['lr']:g}, "
-                  f"{st['dtype']} on {first['device']}.", "",
+                  f"{st['dtype']}{', compiled blocks' if st.get('compile') else ''} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
                   "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pretrain else "")]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from .configs import REGIMES, StepContext, get_config
+from .configs import REGIMES, StepContext, get_config, router_depth
 from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
 
@@ -69,6 +69,7 @@ class Settings:
     reference_preset: str = "tiny"
     reference_frac: float = 0.5
     untimed_warmup_steps: int = 2
+    compile: bool = False  # torch.compile the decoder blocks (every training of the bench: runs, stage 1, reference)
     out: str = "bench_out"
     cache_dir: str = "bench_cache"  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 
@@ -81,6 +82,8 @@ class Settings:
         if self.regime != "target":
             for k in ("reference_budget", "reference_preset", "reference_frac", "target_source"):
                 fields.pop(k)
+        if not self.compile:
+            fields.pop("compile")  # absent when off, so settings hashes from before the option still match
         fields["corpus"] = os.path.basename(corpus_path)  # the token file name carries the content hash
         return fields
 
@@ -211,7 +214,8 @@ class Bench:
                  f"{self._sub_budget(self.s.init_budget).amount:g}")
         result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
                        self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
-                       self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log)
+                       self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log,
+                       compile_blocks=self.s.compile)
         tmp = path + ".tmp"
         with quiet_transformers():
             model.save_pretrained(tmp)
@@ -249,7 +253,8 @@ class Bench:
             self.log(f"target: reference model ({s.reference_preset}) on {len(rows)} clean rows of {s.target_source}")
             result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
                            self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
-                           self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log)
+                           self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log,
+                           compile_blocks=s.compile)
             nll = self._pool_nll(model)
             info = {"preset": s.reference_preset, "rows": len(rows), "steps": result.steps, "tokens": result.tokens,
                     "val": result.final_val, "pool_mean_nll": float(nll.mean())}
@@ -353,16 +358,18 @@ class Bench:
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
                        self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
-                       label=label, log=self.log)
+                       label=label, log=self.log, compile_blocks=s.compile)
         test = Evaluator(D.eval_rows(self.corpus, "test", self.row_len, s.eval_rows), s.eval_batch_size,
                          self.device, self.autocast)(model)
         record = {
             "regime": s.regime, "config": name, "ratio": ratio, "seed": seed, "primary": self.primary,
-            "settings_hash": self.hash, "settings": self.fields, "router_layers": ctx.router_layers,
+            "settings_hash": self.hash, "settings": self.fields,
+            "router_layers": router_depth(ctx, self.configs[name].max_router_layers),
             "steps": result.steps, "train_time": result.train_time, "tokens": result.tokens,
             "tokens_per_s": result.tokens / result.train_time if result.train_time > 0 else None,
             "step_time_ms": 1e3 * result.train_time / result.steps if result.steps else None,
             "host_ms_per_step": 1e3 * result.host_time / result.steps if result.steps else None,
+            "graphs_compiled_in_clock": result.graphs_compiled_in_clock,
             "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
             "train_source_share": self.train_source_share(),
             "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),

@@ -10,7 +10,11 @@
   time is the step's real GPU time; evaluation, logging and checkpointing run outside the clock.
   ``untimed_warmup_steps`` steps on a throw-away copy of the model come first so that one-time costs
   (CUDA context, cuBLAS handles, autotuning, allocator growth) are not charged to whichever
-  configuration happens to run first.
+  configuration happens to run first. With ``compile_blocks`` the decoder blocks are then compiled in
+  place (``cggr.bench.models.compile_decoder_blocks``) and a throw-away step object runs forward and
+  backward on the real model (gradients discarded, no optimizer step, so the weights are untouched):
+  the graphs are compiled before the clock starts. ``graphs_compiled_in_clock`` in the result says
+  whether any compilation still happened inside a timed step (it should be 0).
 - Tokens: ``tokens`` counts every token drawn from the data (B * seq_len targets per step), whether or
   not a configuration trains on all of them; it is the data-consumption axis of the plots.
 """
@@ -25,6 +29,7 @@ import torch
 
 from .configs import Batch, Step, StepContext
 from .data import RowSet, batch_order
+from .models import compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
 
 
@@ -111,15 +116,20 @@ class RunResult:
     diverged: bool
     final_val: Dict[str, float]
     host_time: float = 0.0  # seconds the host spent issuing the steps (before each step's final sync)
+    graphs_compiled_in_clock: Optional[int] = None  # with compile_blocks: Dynamo graphs built in timed steps
 
 
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
           evaluator: Evaluator, budget: Budget, optim: OptimConfig, batch_size: int, device, autocast,
-          untimed_warmup_steps: int = 2, label: str = "", log=print) -> RunResult:
+          untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: bool = False) -> RunResult:
     """Train ``model`` in place with the configuration ``build`` until the budget is spent."""
     device = torch.device(device)
     if untimed_warmup_steps > 0:
         _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps)
+    if compile_blocks:
+        compile_decoder_blocks(model)
+        _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast)
+    graphs_in_clock = 0
     torch.manual_seed(ctx.seed)  # any torch-side randomness of a configuration starts from the run seed
     step_obj = build(model, ratio, ctx)
     optimizer = make_optimizer(step_obj.module, optim, device)
@@ -165,6 +175,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = next(order)
+        graphs_before = compiled_graph_count() if compile_blocks else 0
         _sync(device)
         start = time.perf_counter()
         batch = _batch(train_rows, idx, device)
@@ -180,6 +191,8 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         _sync(device)
         elapsed = time.perf_counter() - start
         train_time += elapsed
+        if compile_blocks:
+            graphs_in_clock += compiled_graph_count() - graphs_before
         tokens += tokens_per_step
         steps += 1
         loss_steps += 1
@@ -187,7 +200,11 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     if curve[-1]["step"] != steps:
         evaluate()
     progress.close()
-    return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"], host_time)
+    if graphs_in_clock:
+        log(f"{label}: {graphs_in_clock} graph(s) were compiled inside timed steps: its step times include "
+            "compilation")
+    return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"], host_time,
+                     graphs_in_clock if compile_blocks else None)
 
 
 def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
@@ -211,3 +228,18 @@ def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, au
         step_obj.after_step()
     _sync(device)
     del clone, step_obj, optimizer
+
+
+def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast, n=2):
+    """Forward + backward of a throw-away step object on ``model`` itself (compiled blocks are per module
+    instance, so a copy would not do), gradients dropped and no optimizer step: the weights stay as they
+    were, and every graph a timed step needs exists before the clock starts."""
+    step_obj = build(model, ratio, ctx)
+    order = batch_order(len(train_rows), batch_size, ctx.seed + 2_000_003)
+    for _ in range(n):
+        with autocast():
+            loss = step_obj.loss(_batch(train_rows, next(order), device))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    _sync(device)
+    del step_obj
