@@ -21,13 +21,15 @@ def test_decoder_blocks_of_llama_and_a_clear_error_otherwise():
     assert decoder_blocks(model) is model.model.layers
     with pytest.raises(TypeError, match="Linear: no decoder blocks found"):
         decoder_blocks(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compile_decoder_blocks(model, "max")
 
 
 def test_compile_warm_up_leaves_the_weights_and_gradients_as_they_were():
     torch.manual_seed(0)
     model = build_preset("tiny", 256, 17, 0, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    compile_decoder_blocks(model, backend="eager")  # Dynamo only: the guards and graphs, no codegen
+    compile_decoder_blocks(model, "blocks", backend="eager")  # Dynamo only: the guards and graphs, no codegen
     rows = D.RowSet(torch.randint(0, 256, (12, 17)).numpy(), torch.zeros(12, dtype=torch.int64).numpy(),
                     ["only"])
     graphs = compiled_graph_count()
@@ -41,7 +43,7 @@ def test_compile_warm_up_leaves_the_weights_and_gradients_as_they_were():
 def test_settings_hash_ignores_compile_when_off():
     fields = Settings().key_fields("tokens-x.npz")
     assert "compile" not in fields
-    assert Settings(compile=True).key_fields("tokens-x.npz")["compile"] is True
+    assert Settings(compile="blocks").key_fields("tokens-x.npz")["compile"] == "blocks"
 
 
 def test_compile_refuses_a_row_count_curriculum(tmp_path):
@@ -58,7 +60,7 @@ def test_bench_with_compiled_blocks_end_to_end(tmp_path):
     assert runs == ["pretrain__cggr_hardest__r0.5__s0.json", "pretrain__standard__rfull__s0.json"]
     for name in runs:
         record = json.load(open(out / "runs" / name))
-        assert record["settings"]["compile"] is True
+        assert record["settings"]["compile"] == "blocks"
         assert record["graphs_compiled_in_clock"] == 0
         assert record["steps"] == 2  # ceil(96 tokens / (4 rows x 16 targets)): the token budget, as eager
     assert "compiled blocks" in (out / "summary.md").read_text()

@@ -6,7 +6,7 @@ import time
 
 from . import data as D
 from .configs import REGIMES, default_configs
-from .models import PRESETS
+from .models import COMPILE_MODES, PRESETS
 from .runner import DTYPES
 
 
@@ -80,10 +80,11 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--selection-warmup-steps", type=int, default=0,
                    help="curriculum from ratio 1 down to the ratio over this many steps, for every selective "
                         "configuration (0: the ratio from the first step)")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=COMPILE_MODES,
                    help="torch.compile every decoder block in place (inductor, static shapes), for every "
-                        "configuration alike; graphs are compiled before the clock starts (needs a fixed row "
-                        "count: --selection-warmup-steps 0)")
+                        "configuration alike, graphs compiled before the clock starts (needs a fixed row "
+                        "count: --selection-warmup-steps 0); blocks-cudagraphs also replays each block as a "
+                        "CUDA graph (reduce-overhead). Default: eager")
     g.add_argument("--untimed-warmup-steps", type=int, default=2,
                    help="steps on a throw-away copy before each timed run")
 

@@ -100,7 +100,11 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
                     "base_model.h as a non-empty nn.ModuleList)")
 
 
-def compile_decoder_blocks(model, **options):
+COMPILE_MODES = ("blocks", "blocks-cudagraphs")
+_graph_trees_in_use = False
+
+
+def compile_decoder_blocks(model, mode: str = "blocks", **options):
     """``torch.compile`` every decoder block in place (``nn.Module.compile``), static shapes.
 
     In place, so that everything that calls the blocks runs them compiled: the training forward, the
@@ -109,9 +113,19 @@ def compile_decoder_blocks(model, **options):
     What stays eager around them (embedding, final norm, LM head, loss, optimizer) is the same for every
     configuration. Static shapes (``dynamic=False``): each row count is its own graph, so a configuration
     must keep one row count (no selection curriculum) to compile outside the clock only.
+
+    ``mode='blocks-cudagraphs'`` also replays each block's kernels as a CUDA graph (inductor's
+    ``reduce-overhead``): one launch per block instead of dozens, for hosts too slow to keep a small
+    step's GPU busy. Callers then mark each training step and evaluation batch (``begin_graph_step``).
     """
     import torch._dynamo
 
+    global _graph_trees_in_use
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode == "blocks-cudagraphs":
+        options.setdefault("mode", "reduce-overhead")
+        _graph_trees_in_use = True
     # Past the recompile limit Dynamo would quietly run the block eagerly: fail instead. Every block of
     # every model in the process shares one code object, hence one limit: a reference model, a trained
     # model, grad and no-grad callers and a few row counts are about 8 graphs already; 64 leaves room.
@@ -120,6 +134,13 @@ def compile_decoder_blocks(model, **options):
     options.setdefault("dynamic", False)
     for block in decoder_blocks(model):
         block.compile(**options)
+
+
+def begin_graph_step():
+    """A training step or evaluation batch begins: with CUDA-graphed blocks, the previous step's graph
+    outputs may now be overwritten (``torch.compiler.cudagraph_mark_step_begin``); otherwise nothing."""
+    if _graph_trees_in_use:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def compiled_graph_count() -> int:

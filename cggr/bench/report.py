@@ -142,6 +142,12 @@ def _fmt(mean, sd=None, digits=3, scale=1.0):
     return text + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
 
 
+def compile_note(mode) -> str:
+    if not mode:
+        return ""
+    return ", compiled blocks" if mode in (True, "blocks") else f", compiled blocks ({mode})"
+
+
 def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
     lines = []
     for regime, rows in summary.items():
@@ -155,7 +161,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
                   f"{'s' if st['budget_kind'] == 'time' else 'tokens'} per configuration, lr {st['lr']:g}, "
-                  f"{st['dtype']}{', compiled blocks' if st.get('compile') else ''} on {first['device']}.", "",
+                  f"{st['dtype']}{compile_note(st.get('compile'))} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
                   "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pretrain else "")]

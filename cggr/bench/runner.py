@@ -69,7 +69,7 @@ class Settings:
     reference_preset: str = "tiny"
     reference_frac: float = 0.5
     untimed_warmup_steps: int = 2
-    compile: bool = False  # torch.compile the decoder blocks (every training of the bench: runs, stage 1, reference)
+    compile: Optional[str] = None  # a mode of models.COMPILE_MODES: every training of the bench (runs, stage 1, reference)
     out: str = "bench_out"
     cache_dir: str = "bench_cache"  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 

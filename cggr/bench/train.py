@@ -29,7 +29,7 @@ import torch
 
 from .configs import Batch, Step, StepContext
 from .data import RowSet, batch_order
-from .models import compile_decoder_blocks, compiled_graph_count
+from .models import begin_graph_step, compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
 
 
@@ -102,6 +102,7 @@ class Evaluator:
 
 def token_nll(model, rows: torch.Tensor, autocast) -> torch.Tensor:
     """[B, seq_len] float32 NLL of every target (no grad by the caller)."""
+    begin_graph_step()
     with autocast():
         logits = model(input_ids=rows).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
@@ -121,14 +122,19 @@ class RunResult:
 
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
           evaluator: Evaluator, budget: Budget, optim: OptimConfig, batch_size: int, device, autocast,
-          untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: bool = False) -> RunResult:
-    """Train ``model`` in place with the configuration ``build`` until the budget is spent."""
+          untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: Optional[str] = None) -> RunResult:
+    """Train ``model`` in place with the configuration ``build`` until the budget is spent.
+
+    ``compile_blocks``: None (eager) or a mode of ``cggr.bench.models.COMPILE_MODES``.
+    """
     device = torch.device(device)
     if untimed_warmup_steps > 0:
         _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps)
     if compile_blocks:
-        compile_decoder_blocks(model)
-        _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast)
+        compile_decoder_blocks(model, compile_blocks)
+        # CUDA graph trees run a block eagerly once, record it the next time, replay after: 3 passes
+        _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast,
+                               n=3 if compile_blocks == "blocks-cudagraphs" else 2)
     graphs_in_clock = 0
     torch.manual_seed(ctx.seed)  # any torch-side randomness of a configuration starts from the run seed
     step_obj = build(model, ratio, ctx)
@@ -179,6 +185,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         _sync(device)
         start = time.perf_counter()
         batch = _batch(train_rows, idx, device)
+        begin_graph_step()
         with autocast():
             loss = step_obj.loss(batch)
         loss.backward()
@@ -237,6 +244,7 @@ def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, dev
     step_obj = build(model, ratio, ctx)
     order = batch_order(len(train_rows), batch_size, ctx.seed + 2_000_003)
     for _ in range(n):
+        begin_graph_step()
         with autocast():
             loss = step_obj.loss(_batch(train_rows, next(order), device))
         loss.backward()
