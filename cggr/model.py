@@ -233,6 +233,10 @@ class CGGRModel(nn.Module):
             temperature (> 0) of ``importance``; validated whatever the policy.
         dynamic_threshold, threshold_sensitivity: see "Row count" in the module docstring.
         router_layers: router depth when ``router`` is None.
+        router_token_stride: score every ``router_token_stride``-th position only (positions ``s-1, 2s-1,
+            ...``): the trunk still runs over the whole sequence (the attention context), but the LM head
+            and the token statistics, the larger part of the router's cost, run on ``1/s`` of the tokens.
+            A row's difficulty is then the mean over its scored positions among those (1 = every token).
         router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
             ``ROUTER_CHUNK_BYTES`` of logits; the router holds no activations for backward, so larger
             chunks than the training path's cost little memory and save per-chunk launch overhead).
@@ -258,7 +262,7 @@ class CGGRModel(nn.Module):
                  compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
                  loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
-                 importance_temperature: float = 1.0):
+                 importance_temperature: float = 1.0, router_token_stride: int = 1):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -301,6 +305,9 @@ class CGGRModel(nn.Module):
             select = functools.partial(select, mix=self.importance_mix, temperature=self.importance_temperature)
         self._select = select
         self.router_chunk_size = router_chunk_size
+        if isinstance(router_token_stride, bool) or not isinstance(router_token_stride, int) or router_token_stride < 1:
+            raise ValueError(f"router_token_stride must be an int >= 1, got {router_token_stride!r}")
+        self.router_token_stride = router_token_stride
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)
         self.compile_scope = compile
@@ -523,19 +530,24 @@ class CGGRModel(nn.Module):
                 # both the predicting position and the target must be real tokens
                 valid = valid & real & nn.functional.pad(real[:, 1:], (0, 1), value=False)
             targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
-            stats = token_stats_from_hidden(hidden.reshape(B * T, hidden.shape[-1]), weight,
-                                            targets.reshape(B * T), bias=bias, ignore_index=IGNORE_INDEX,
-                                            chunk_size=self.router_chunk_size or _router_chunk_rows(
-                                                B * T, weight.shape[0], hidden.element_size()),
-                                            # targets are sanitised above; validation would sync
-                                            validate_targets=False)
-            stats = type(stats)(*(s.view(B, T) for s in stats))
             ref = None
             if reference_nll is not None:
                 if tuple(reference_nll.shape) != (B, T - 1):
                     raise ValueError(f"reference_nll: expected shape {(B, T - 1)} (one value per shifted "
                                      f"target), got {tuple(reference_nll.shape)}")
                 ref = nn.functional.pad(reference_nll.to(torch.float32), (0, 1))
+            stride = self.router_token_stride
+            if stride > 1:  # the scored positions only: s-1, 2s-1, ... (hidden is copied, 1/s of it)
+                hidden, targets, valid = (t[:, stride - 1::stride] for t in (hidden, targets, valid))
+                ref = ref[:, stride - 1::stride] if ref is not None else None
+            n_pos = hidden.shape[1]
+            stats = token_stats_from_hidden(hidden.reshape(B * n_pos, hidden.shape[-1]), weight,
+                                            targets.reshape(B * n_pos), bias=bias, ignore_index=IGNORE_INDEX,
+                                            chunk_size=self.router_chunk_size or _router_chunk_rows(
+                                                B * n_pos, weight.shape[0], hidden.element_size()),
+                                            # targets are sanitised above; validation would sync
+                                            validate_targets=False)
+            stats = type(stats)(*(s.view(B, n_pos) for s in stats))
             scores = score(stats, self.scoring, valid, self.combined_weights, ref)
             n_scored = valid.sum(1)
             rows = scores.sum(1) / n_scored.clamp_min(1).to(torch.float32)

@@ -350,6 +350,33 @@ def test_excess_loss_scoring_uses_reference_nll():
         cggr(ids, labels=labels, reference_nll=torch.zeros(4, 12))
 
 
+@pytest.mark.parametrize("stride", [2, 3, 5])
+@pytest.mark.parametrize("scoring", ["loss", "excess_loss", "entropy"])
+def test_router_token_stride_scores_exactly_the_strided_positions(stride, scoring):
+    """Stride s == stride 1 on labels that leave only positions s-1, 2s-1, ... scored (odd T = 13)."""
+    torch.manual_seed(stride)
+    model = tiny_model("llama")
+    ids, labels = batch(B=5, T=13, seed=stride)
+    reference = torch.randn(5, 12) if scoring == "excess_loss" else None
+    kwargs = {} if reference is None else {"reference_nll": reference}
+    positions = torch.arange(13)
+    kept_targets = labels.clone()
+    # position t predicts labels[t + 1]: keep the targets of the strided predicting positions only
+    kept_targets[:, 1:][:, (positions[:-1] % stride) != stride - 1] = -100
+    strided = CGGRModel(model, selection="hardest", router_layers=1, scoring=scoring, router_token_stride=stride)
+    dense = CGGRModel(model, selection="hardest", router_layers=1, scoring=scoring)
+    rows_strided, _ = strided._score_rows(ids, labels, None, {}, reference)
+    rows_dense, _ = dense._score_rows(ids, kept_targets, None, {}, reference)
+    assert torch.isfinite(rows_strided).all()
+    torch.testing.assert_close(rows_strided, rows_dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [0, -1, 1.5, True, "2"])
+def test_router_token_stride_must_be_a_positive_int(stride):
+    with pytest.raises(ValueError, match=r"router_token_stride must be an int >= 1, got"):
+        CGGRModel(tiny_model("llama"), selection="hardest", router_layers=1, router_token_stride=stride)
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def test_labels_shape_mismatch():

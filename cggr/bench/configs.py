@@ -181,12 +181,16 @@ def build_oracle(model, ratio, ctx):
     return RowSubset(model, ratio, ctx, _choose_oracle)
 
 
-def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_layers: Optional[int] = None):
-    """``max_router_layers``: a shallower router than ``--router-layers`` for this configuration alone."""
+def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_layers: Optional[int] = None,
+                       router_token_stride: int = 1):
+    """``max_router_layers``: a shallower router than ``--router-layers`` for this configuration alone;
+    ``router_token_stride``: CGGRModel's (the router scores every s-th position)."""
     def build(model, ratio, ctx):
         from cggr.model import CGGRModel
 
         kwargs = {} if scoring is None else {"scoring": scoring}
+        if router_token_stride != 1:
+            kwargs["router_token_stride"] = router_token_stride
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection=policy,
                       router_layers=router_depth(ctx, max_router_layers), seed=ctx.seed, **kwargs)
         return CGGRModelStep(m, ctx.reference_token_nll if scoring == "excess_loss" else None)
@@ -240,6 +244,8 @@ CONFIGS: Dict[str, Config] = {
                      "CGGRModel rows with the highest router NLL minus reference NLL (RHO-LOSS)"),
     "excess_router2": Config(_require_reference(cggr_model_builder("hardest", "excess_loss", 2)), True,
                              ("target",), "excess with a 2-block router (half the router's blocks)", 2),
+    "excess_fast": Config(_require_reference(cggr_model_builder("hardest", "excess_loss", 2, 4)), True,
+                          ("target",), "excess with a 2-block router scoring every 4th position", 2),
     "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),
