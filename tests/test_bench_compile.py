@@ -51,6 +51,12 @@ def test_compile_refuses_a_row_count_curriculum(tmp_path):
         main(["bench", "--compile", "--selection-warmup-steps", "5", "--out", str(tmp_path)] + TINY)
 
 
+def test_cuda_graphs_need_a_cuda_device(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--compile", "blocks-cudagraphs", "--out", str(tmp_path)] + TINY)
+    assert "it needs a CUDA device, got --device cpu" in capsys.readouterr().err
+
+
 def test_bench_with_compiled_blocks_end_to_end(tmp_path):
     """Router configuration and a plain one, inductor on the CPU: no graph is compiled inside a timed step."""
     out = tmp_path / "out"

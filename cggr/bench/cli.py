@@ -142,6 +142,9 @@ def settings_from_args(args, parser, log):
         return None, corpus
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if args.compile == "blocks-cudagraphs" and not device.startswith("cuda"):
+        parser.error(f"--compile blocks-cudagraphs replays CUDA graphs: it needs a CUDA device, got --device "
+                     f"{device} (use --compile blocks)")
     kind = "tokens" if args.token_budget is not None else "time"
     amount = args.token_budget if args.token_budget is not None else (args.time_budget or 20.0)
     for name, value in (("--eval-every", args.eval_every), ("--init-budget", args.init_budget),
