@@ -246,6 +246,8 @@ CONFIGS: Dict[str, Config] = {
                              ("target",), "excess with a 2-block router (half the router's blocks)", 2),
     "excess_fast": Config(_require_reference(cggr_model_builder("hardest", "excess_loss", 2, 4)), True,
                           ("target",), "excess with a 2-block router scoring every 4th position", 2),
+    "excess_lean": Config(_require_reference(cggr_model_builder("hardest", "excess_loss", 1, 8)), True,
+                          ("target",), "excess with a 1-block router scoring every 8th position", 1),
     "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),
