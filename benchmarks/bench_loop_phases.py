@@ -24,7 +24,7 @@ from cggr.bench.configs import StepContext, get_config
 from cggr.bench.data import RowSet
 from cggr.bench.models import begin_graph_step, build_preset, compile_decoder_blocks
 from cggr.bench.runner import autocast_for, weights_dtype
-from cggr.bench.train import OptimConfig, _batch, _compile_outside_clock, make_optimizer
+from cggr.bench.train import OptimConfig, _batch, _compile_outside_clock, make_optimizer, training_step
 
 def sync(device):
     if device.type == "cuda":
@@ -89,15 +89,7 @@ def run(config, compile_mode, dtype, args, device):
     for idx in order[:args.steps]:
         sync(device)
         t0 = time.perf_counter()
-        batch = _batch(rows, idx, device)
-        begin_graph_step()
-        with autocast():
-            loss = step_obj.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_obj.after_step()
+        training_step(step_obj, _batch(rows, idx, device), optimizer, autocast, 1.0)
         t1 = time.perf_counter()
         sync(device)
         free.append((1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t0)))
@@ -111,15 +103,7 @@ def run(config, compile_mode, dtype, args, device):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             for idx in order[:3]:
-                batch = _batch(rows, idx, device)
-                begin_graph_step()
-                with autocast():
-                    loss = step_obj.loss(batch)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_obj.after_step()
+                training_step(step_obj, _batch(rows, idx, device), optimizer, autocast, 1.0)
             sync(device)
         row["profile_cpu"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         row["profile_cuda"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)

@@ -184,16 +184,8 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         graphs_before = compiled_graph_count() if compile_blocks else 0
         _sync(device)
         start = time.perf_counter()
-        batch = _batch(train_rows, idx, device)
-        begin_graph_step()
-        with autocast():
-            loss = step_obj.loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_obj.after_step()
-        loss_sum += loss.detach().float()
+        loss = training_step(step_obj, _batch(train_rows, idx, device), optimizer, autocast, optim.grad_clip)
+        loss_sum += loss.float()
         host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
         _sync(device)
         elapsed = time.perf_counter() - start
@@ -212,6 +204,20 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
             "compilation")
     return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"], host_time,
                      graphs_in_clock if compile_blocks else None)
+
+
+def training_step(step_obj: Step, batch: Batch, optimizer, autocast, grad_clip: float) -> torch.Tensor:
+    """One step of the loop (loss, backward, clipping, optimizer, the step object's bookkeeping), issued
+    without any host synchronisation; returns the detached loss."""
+    begin_graph_step()
+    with autocast():
+        loss = step_obj.loss(batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_obj.after_step()
+    return loss.detach()
 
 
 def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
