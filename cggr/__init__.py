@@ -13,6 +13,8 @@ _EXPORTS = {
     "CGGRLoss": "loss",
     "CGGRModel": "model",
     "create_truncated_router": "router",
+    "ReferenceModel": "reference",
+    "RunningBaseline": "reference",
     "fused_linear_selective_ce": "linear",
     "token_stats_from_hidden": "linear",
 }

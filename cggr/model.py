@@ -347,6 +347,7 @@ class CGGRModel(nn.Module):
         self.register_load_state_dict_post_hook(self._load_post_hook)
         self._generators = {}
         self._last = None
+        self._router_row_nll = None
         self._timing = None
         self._pending_timing = None
 
@@ -431,6 +432,7 @@ class CGGRModel(nn.Module):
                              f"(scoring={self.scoring!r}, reference_nll given: {reference_nll is not None})")
 
         B, T = input_ids.shape
+        self._router_row_nll = None
         timing = self._start_timing(input_ids.device) if self.collect_timing else None
         ratio = self.current_ratio
         k = rows_for_ratio(ratio, B)
@@ -550,7 +552,11 @@ class CGGRModel(nn.Module):
             stats = type(stats)(*(s.view(B, n_pos) for s in stats))
             scores = score(stats, self.scoring, valid, self.combined_weights, ref)
             n_scored = valid.sum(1)
-            rows = scores.sum(1) / n_scored.clamp_min(1).to(torch.float32)
+            per_row = n_scored.clamp_min(1).to(torch.float32)
+            rows = scores.sum(1) / per_row
+            # the router's own mean NLL per row (NaN with nothing scored): what a RunningBaseline tracks
+            self._router_row_nll = torch.where(n_scored > 0, torch.where(valid, stats.nll, 0.0).sum(1) / per_row,
+                                               torch.full_like(per_row, math.nan))
             rows = torch.where((n_scored > 0) & torch.isfinite(rows), rows, torch.full_like(rows, -math.inf))
             confidence = batch_confidence(stats.p1, valid) if self.schedule.dynamic_threshold else None
         return rows, confidence
@@ -616,6 +622,13 @@ class CGGRModel(nn.Module):
             gen.manual_seed(self.seed)
             self._generators[key] = gen
         return gen
+
+    @property
+    def router_row_nll(self) -> Optional[torch.Tensor]:
+        """[B] float32 (device) mean NLL of each row's scored tokens under the router in the last forward
+        with labels (NaN for a row with nothing scored), or None when that forward ran no router pass
+        (ratio 1, or a policy without scores). For ``cggr.reference.RunningBaseline.update``."""
+        return self._router_row_nll
 
     # -- timing and metrics --------------------------------------------------------------------------
     def _start_timing(self, device):

@@ -149,6 +149,7 @@ def bench_out(tmp_path_factory, cache_dir):
                  "--out", out, "--cache-dir", cache_dir] + TINY) == 0
     assert main(["bench", "--regime", "pretrain", "--ratios", "0.5", "--seeds", "0", "1",
                  "--configs", "standard", "random", "cggr_hardest", "cggr_stratified", "cggr_random", "cggr_loss",
+                 "source_baseline", "row_baseline",
                  "--out", out, "--cache-dir", cache_dir] + TINY) == 0
     return out
 

@@ -38,6 +38,8 @@ class StepContext:
     target_source_id: Optional[int] = None            # regime "target": the goal domain
     reference_token_nll: Optional[torch.Tensor] = None  # [n_train_rows, seq_len] reference NLL (regime "target")
     reference_row_nll: Optional[np.ndarray] = None      # [n_train_rows] its row means, on the host
+    num_sources: int = 0      # source ids are in [0, num_sources) (running per-source baselines)
+    num_train_rows: int = 0   # Batch.index is in [0, num_train_rows) (running per-row baselines)
 
 
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
@@ -133,6 +135,53 @@ class CGGRModelStep(Step):
 
     def metrics(self):
         return self.module.get_metrics()
+
+
+class RunningBaselineStep(Step):
+    """CGGRModel excess-loss rows against a ``cggr.reference.RunningBaseline`` keyed by ``key(batch)``."""
+
+    def __init__(self, cggr_model, baseline, key: Callable):
+        super().__init__(cggr_model)
+        self.baseline, self.key = baseline, key
+        self._keys = None
+
+    def loss(self, batch):
+        self._keys = self.key(batch)
+        reference = self.baseline.reference_nll(self._keys, batch.rows.shape[1])
+        return self.module(batch.rows, labels=batch.rows, attention_mask=None, reference_nll=reference)
+
+    def after_step(self):
+        if self.module.router_row_nll is not None:
+            self.baseline.update(self._keys, self.module.router_row_nll)
+        self.module.step()
+
+    def metrics(self):
+        return self.module.get_metrics()
+
+
+def _source_keys(batch):
+    return torch.from_numpy(batch.source_ids).to(batch.rows.device, non_blocking=True)
+
+
+def _row_keys(batch):
+    return batch.index
+
+
+def running_baseline_builder(per: str):
+    """``per='source'``: one running mean per source; ``per='row'``: one per training row."""
+    def build(model, ratio, ctx):
+        from cggr.model import CGGRModel
+        from cggr.reference import RunningBaseline
+
+        num_keys, key = (ctx.num_sources, _source_keys) if per == "source" else (ctx.num_train_rows, _row_keys)
+        if num_keys < 1:
+            raise ValueError(f"a running per-{per} baseline needs the number of keys in the context "
+                             f"(num_sources / num_train_rows), got {num_keys}")
+        m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection="hardest",
+                      router_layers=ctx.router_layers, seed=ctx.seed, scoring="excess_loss")
+        device = next(model.parameters()).device
+        return RunningBaselineStep(m, RunningBaseline(num_keys, momentum=0.9, device=device), key)
+    return build
 
 
 class CGGRLossStep(Step):
@@ -239,6 +288,10 @@ CONFIGS: Dict[str, Config] = {
     "cggr_stratified": Config(cggr_model_builder("stratified"), True, _ALL, "CGGRModel, stratified rows"),
     "cggr_random": Config(cggr_model_builder("random"), True, _ALL, "CGGRModel, random rows (no router)"),
     "cggr_loss": Config(cggr_loss_builder(), True, _ALL, "CGGRLoss token level through forward_linear"),
+    "source_baseline": Config(running_baseline_builder("source"), True, _ALL,
+                              "CGGRModel rows with the highest router NLL minus their source's running mean"),
+    "row_baseline": Config(running_baseline_builder("row"), True, _ALL,
+                           "CGGRModel rows with the highest router NLL minus the row's own running mean"),
     "oracle": Config(build_oracle, True, ("target",), "target-domain rows first, random filler"),
     "excess": Config(_require_reference(cggr_model_builder("hardest", "excess_loss")), True, ("target",),
                      "CGGRModel rows with the highest router NLL minus reference NLL (RHO-LOSS)"),

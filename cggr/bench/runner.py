@@ -350,7 +350,8 @@ class Bench:
         model = model.to(self.weights_dtype)
         check_vocab(model, self.corpus.vocab_size)
         ctx = StepContext(seed=seed, selection_warmup_steps=s.selection_warmup_steps,
-                          router_layers=min(s.router_layers, model.config.num_hidden_layers - 1))
+                          router_layers=min(s.router_layers, model.config.num_hidden_layers - 1),
+                          num_sources=len(self.corpus.sources), num_train_rows=len(self.train_rows))
         if self.s.regime == "target":
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]

@@ -1,0 +1,162 @@
+"""Reference NLL for ``scoring='excess_loss'``: what the reference loss is, besides a tensor you computed.
+
+Excess (reducible) loss is the training model's NLL minus a reference NLL that stands for what cannot be
+learned (RHO-LOSS, Rho-1). ``CGGRLoss`` and ``CGGRModel`` take it as ``reference_nll``, one value per
+shifted target (``[B, T-1]`` for ``CGGRModel``). Three sources of that tensor:
+
+- ``ReferenceModel(model)``: the per-token NLL of a frozen causal LM, computed on the fly under
+  ``no_grad``: a small model trained on clean target data (the RHO-LOSS setting), or
+  ``ReferenceModel.frozen_copy(model)``: a frozen copy of the starting checkpoint (excess = how much
+  worse than at the start, for fine-tuning). It costs a forward of the reference model per batch;
+  compute it once ahead of training where the rows repeat.
+- ``RunningBaseline(num_keys)``: a running mean of the router's row NLL per key, used as every token's
+  reference. With source ids as keys, excess = how much harder a row is than its own source usually
+  is (difficulty without drifting towards high-entropy sources); with dataset row indices as keys, how
+  much a row's loss has come down since it was last seen. Device-side, no host synchronisation.
+
+Typical loop with a running baseline (``CGGRModel.router_row_nll`` is the router's mean NLL per row of
+the last forward)::
+
+    ref = baseline.reference_nll(source_ids, input_ids.shape[1])
+    loss = cggr_model(input_ids, labels=labels, reference_nll=ref)
+    loss.backward(); optimizer.step(); cggr_model.step()
+    baseline.update(source_ids, cggr_model.router_row_nll)
+"""
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
+
+
+def _check_ids(input_ids, labels, attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids: expected an integer [B, T] tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+    if input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids: need at least 2 positions to have a shifted target, got {tuple(input_ids.shape)}")
+    for name, t in (("labels", labels), ("attention_mask", attention_mask)):
+        if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name}: expected shape {tuple(input_ids.shape)} to match input_ids, got {tuple(t.shape)}")
+
+
+class ReferenceModel:
+    """Per-token NLL ``[B, T-1]`` (float32) of a frozen causal LM, shifted as Hugging Face shifts labels.
+
+    The model is put in eval mode and its parameters stop requiring grad (it is never trained through
+    this object). ``rows_per_chunk`` bounds the logits alive at once (default: about
+    ``LOGITS_CHUNK_BYTES`` of float32 logits). Targets that are ``-100`` in ``labels``, or whose
+    predicting or target position is padding in ``attention_mask``, get NLL 0: the excess-loss scoring
+    never reads them.
+    """
+
+    def __init__(self, model: nn.Module, rows_per_chunk: Optional[int] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module (a causal LM), got {type(model).__name__}")
+        if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int)
+                                           or rows_per_chunk < 1):
+            raise ValueError(f"rows_per_chunk must be None or an int >= 1, got {rows_per_chunk!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.rows_per_chunk = rows_per_chunk
+
+    @classmethod
+    def frozen_copy(cls, model: nn.Module, rows_per_chunk: Optional[int] = None) -> "ReferenceModel":
+        """A frozen deep copy of ``model`` as it is now (the starting checkpoint); ``model`` is untouched."""
+        return cls(copy.deepcopy(model), rows_per_chunk)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _check_ids(input_ids, labels, attention_mask)
+        labels = input_ids if labels is None else labels
+        B, T = input_ids.shape
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        if attention_mask is not None:
+            real = attention_mask.bool()
+            valid = valid & real[:, :-1] & real[:, 1:]
+        out = torch.zeros(B, T - 1, dtype=torch.float32, device=input_ids.device)
+        step = self.rows_per_chunk or max(1, LOGITS_CHUNK_BYTES // (T * self._vocab_size() * 4))
+        for start in range(0, B, step):
+            rows = slice(start, min(B, start + step))
+            mask = None if attention_mask is None else attention_mask[rows]
+            logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1]
+            keep = valid[rows]
+            chunk_targets = torch.where(keep, targets[rows], torch.zeros_like(targets[rows]))  # any in-range id
+            nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), chunk_targets, reduction="none")
+            out[rows] = torch.where(keep, nll, torch.zeros_like(nll))
+        return out
+
+    def _vocab_size(self) -> int:
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if head is None or not hasattr(head, "weight"):
+            raise TypeError(f"{type(self.model).__name__}: no LM head from get_output_embeddings() to size the "
+                            "logit chunks by; pass rows_per_chunk")
+        return head.weight.shape[0]
+
+
+class RunningBaseline(nn.Module):
+    """Running mean of the router's row NLL per key, as a reference NLL (see the module docstring).
+
+    ``values[key]`` starts unset; ``update(keys, row_nll)`` sets a key's first value to the batch mean of
+    its rows, then moves it by ``momentum`` (``new = momentum * old + (1 - momentum) * batch mean``).
+    ``reference_nll(keys, seq_len)`` returns ``[B, seq_len - 1]`` (every token of a row gets its key's
+    value; keys not seen yet get the mean over the keys seen, or 0 before any update, so they rank by
+    their own loss). State (``values``, ``seen``) is in buffers: ``state_dict`` saves it. Everything
+    stays on the buffers' device; no host synchronisation.
+    """
+
+    def __init__(self, num_keys: int, momentum: float = 0.9, device=None):
+        super().__init__()
+        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
+            raise ValueError(f"num_keys must be an int >= 1, got {num_keys!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.register_buffer("values", torch.zeros(num_keys, dtype=torch.float32, device=device))
+        self.register_buffer("seen", torch.zeros(num_keys, dtype=torch.bool, device=device))
+
+    def _keys(self, keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 1 or keys.is_floating_point() or keys.dtype == torch.bool:
+            raise ValueError(f"{name}: expected a 1-D integer tensor of keys, got "
+                             f"{tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__}")
+        if keys.device != self.values.device:
+            raise ValueError(f"{name}: on {keys.device}, the baseline is on {self.values.device}")
+        return keys.long()
+
+    @torch.no_grad()
+    def reference_nll(self, keys: torch.Tensor, seq_len: int) -> torch.Tensor:
+        keys = self._keys(keys)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+            raise ValueError(f"seq_len must be an int >= 2 (the rows' length, T), got {seq_len!r}")
+        seen = self.seen.to(torch.float32)
+        fill = (self.values * seen).sum() / seen.sum().clamp_min(1.0)
+        # keys outside [0, num_keys) would read out of bounds in index_select: the clamp keeps the read in
+        # range and the check below reports them (a device assert, not a host sync)
+        row = torch.where(self.seen[keys.clamp(0, len(self.values) - 1)],
+                          self.values[keys.clamp(0, len(self.values) - 1)], fill)
+        torch._assert_async(((keys >= 0) & (keys < len(self.values))).all(),
+                            "RunningBaseline: a key is outside [0, num_keys)")
+        return row[:, None].expand(len(keys), seq_len - 1)
+
+    @torch.no_grad()
+    def update(self, keys: torch.Tensor, row_nll: torch.Tensor):
+        keys = self._keys(keys)
+        if not isinstance(row_nll, torch.Tensor) or tuple(row_nll.shape) != tuple(keys.shape):
+            raise ValueError(f"row_nll: expected shape {tuple(keys.shape)} (one value per key), got "
+                             f"{tuple(row_nll.shape) if isinstance(row_nll, torch.Tensor) else type(row_nll).__name__}")
+        torch._assert_async(((keys >= 0) & (keys < len(self.values))).all(),
+                            "RunningBaseline: a key is outside [0, num_keys)")
+        keys = keys.clamp(0, len(self.values) - 1)
+        row_nll = row_nll.detach().to(torch.float32)
+        finite = torch.isfinite(row_nll)  # rows with nothing scored (-inf / nan) teach the baseline nothing
+        sums = torch.zeros_like(self.values).index_add_(0, keys, torch.where(finite, row_nll, torch.zeros_like(row_nll)))
+        counts = torch.zeros_like(self.values).index_add_(0, keys, finite.to(torch.float32))
+        hit = counts > 0
+        batch_mean = sums / counts.clamp_min(1.0)
+        moved = torch.where(self.seen, self.momentum * self.values + (1.0 - self.momentum) * batch_mean, batch_mean)
+        self.values.copy_(torch.where(hit, moved, self.values))
+        self.seen.logical_or_(hit)

@@ -1,0 +1,173 @@
+"""cggr.reference: ReferenceModel (per-token NLL of a frozen LM), RunningBaseline, CGGRModel.router_row_nll."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cggr.model import CGGRModel
+from cggr.reference import ReferenceModel, RunningBaseline
+
+from test_router import VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest, no package)
+
+
+def _batch(B=5, T=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, 3] = -100
+    labels[2, 1:4] = -100
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[B - 1, 8:] = 0  # right padding (the last row)
+    return ids, labels, mask
+
+
+def _nll_float64(model, ids, labels, mask):
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    targets = labels[:, 1:]
+    valid = (targets != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    return torch.where(valid, nll, torch.zeros_like(nll))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("rows_per_chunk", [None, 1, 2])
+def test_reference_model_nll_matches_float64(family, rows_per_chunk):
+    model = tiny_model(family)
+    ids, labels, mask = _batch()
+    expected = _nll_float64(model, ids, labels, mask)
+    got = ReferenceModel(model, rows_per_chunk=rows_per_chunk)(ids, labels, mask)
+    assert got.dtype == torch.float32 and got.shape == (5, 10)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    assert (got[2, :3] == 0).all() and (got[4, 7:] == 0).all()  # ignored targets and padding (row 4 of 5)
+    # no labels: the inputs are the labels, every target counts
+    torch.testing.assert_close(ReferenceModel(model)(ids).double(),
+                               _nll_float64(model, ids, ids, torch.ones_like(ids)), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_copy_is_frozen_and_independent():
+    model = tiny_model("llama")
+    ids, labels, mask = _batch()
+    reference = ReferenceModel.frozen_copy(model)
+    before = reference(ids, labels, mask)
+    assert all(p.requires_grad for p in model.parameters())  # the original is untouched
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    torch.testing.assert_close(reference(ids, labels, mask), before)
+    assert not torch.allclose(ReferenceModel(model)(ids, labels, mask), before)
+
+
+def test_reference_model_bad_input():
+    model = tiny_model("llama")
+    ids, labels, _ = _batch()
+    with pytest.raises(ValueError, match=r"input_ids: expected an integer \[B, T\] tensor, got \(11,\)"):
+        ReferenceModel(model)(ids[0])
+    with pytest.raises(ValueError, match=r"labels: expected shape \(5, 11\) to match input_ids, got \(5, 10\)"):
+        ReferenceModel(model)(ids, labels[:, 1:])
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        ReferenceModel(model)(ids[:, :1])
+    with pytest.raises(ValueError, match="rows_per_chunk must be None or an int >= 1, got 0"):
+        ReferenceModel(model, rows_per_chunk=0)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        ReferenceModel("gpt2")
+
+
+def _ema_reference(updates, num_keys, momentum):
+    values, seen = [0.0] * num_keys, [False] * num_keys
+    for keys, nll in updates:
+        groups = {}
+        for k, v in zip(keys, nll):
+            if v == v and abs(v) != float("inf"):
+                groups.setdefault(k, []).append(v)
+        for k, vs in groups.items():
+            mean = sum(vs) / len(vs)
+            values[k] = momentum * values[k] + (1 - momentum) * mean if seen[k] else mean
+            seen[k] = True
+    return values, seen
+
+
+def test_running_baseline_matches_a_python_reference():
+    torch.manual_seed(0)
+    baseline = RunningBaseline(6, momentum=0.8)
+    assert (baseline.reference_nll(torch.tensor([0, 5]), 4) == 0).all()  # nothing seen: 0 for everyone
+    updates = []
+    for step in range(12):
+        keys = torch.randint(0, 5, (7,))  # key 5 is never updated; duplicates within a batch
+        nll = torch.rand(7) * 4
+        if step == 3:
+            nll[0] = float("nan")
+            nll[1] = -float("inf")
+        baseline.update(keys, nll)
+        updates.append((keys.tolist(), nll.tolist()))
+    values, seen = _ema_reference(updates, 6, 0.8)
+    assert baseline.seen.tolist() == seen
+    torch.testing.assert_close(baseline.values, torch.tensor(values, dtype=torch.float32))
+    ref = baseline.reference_nll(torch.tensor([2, 5, 0]), 9)
+    assert ref.shape == (3, 8)
+    fill = sum(v for v, s in zip(values, seen) if s) / sum(seen)  # an unseen key gets the mean of the seen
+    torch.testing.assert_close(ref[:, 0], torch.tensor([values[2], fill, values[0]], dtype=torch.float32))
+    assert (ref == ref[:, :1]).all()
+    state = baseline.state_dict()
+    restored = RunningBaseline(6, momentum=0.8)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.reference_nll(torch.tensor([2, 5, 0]), 9), ref)
+
+
+def test_running_baseline_bad_input():
+    with pytest.raises(ValueError, match="num_keys must be an int >= 1, got 0"):
+        RunningBaseline(0)
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\), got 1.0"):
+        RunningBaseline(3, momentum=1.0)
+    baseline = RunningBaseline(3)
+    with pytest.raises(ValueError, match="keys: expected a 1-D integer tensor of keys"):
+        baseline.reference_nll(torch.tensor([0.5]), 4)
+    with pytest.raises(ValueError, match=r"row_nll: expected shape \(2,\)"):
+        baseline.update(torch.tensor([0, 1]), torch.zeros(3))
+    with pytest.raises(ValueError, match="seq_len must be an int >= 2"):
+        baseline.reference_nll(torch.tensor([0]), 1)
+    with pytest.raises(RuntimeError, match="outside"):
+        baseline.update(torch.tensor([0, 3]), torch.zeros(2))
+    with pytest.raises(RuntimeError, match="outside"):
+        baseline.reference_nll(torch.tensor([-1]), 4)
+
+
+def test_router_row_nll_is_the_routers_mean_loss_per_row():
+    model = tiny_model("llama")
+    ids, labels, mask = _batch(B=6)
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=1, scoring="loss")
+    cggr(ids, labels=labels, attention_mask=mask)
+    rows, _ = cggr._score_rows(ids, labels, mask, {}, None)  # scoring 'loss': the row score is the mean NLL
+    torch.testing.assert_close(cggr.router_row_nll, rows)
+    labels_none = labels.clone()
+    labels_none[3] = -100
+    cggr(ids, labels=labels_none, attention_mask=mask)
+    assert torch.isnan(cggr.router_row_nll[3]) and torch.isfinite(cggr.router_row_nll[[0, 1, 2, 4, 5]]).all()
+    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=1)
+    full(ids, labels=labels)
+    assert full.router_row_nll is None  # ratio 1: no router pass
+
+
+def test_running_baseline_with_cggr_model_end_to_end():
+    """Source keys: a source whose rows are all easy-for-it ranks by excess over its own running mean."""
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=1,
+                     scoring="excess_loss")
+    baseline = RunningBaseline(2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(3):
+        ids, labels, _ = _batch(B=4, seed=step)
+        sources = torch.tensor([0, 0, 1, 1])
+        loss = cggr(ids, labels=labels, reference_nll=baseline.reference_nll(sources, ids.shape[1]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cggr.step()
+        baseline.update(sources, cggr.router_row_nll)
+    assert baseline.seen.all() and torch.isfinite(baseline.values).all()
+    # with the baseline as reference, the row scores are router NLL minus the row's source value
+    ids, labels, _ = _batch(B=4, seed=9)
+    ref = baseline.reference_nll(sources, ids.shape[1])
+    rows, _ = cggr._score_rows(ids, labels, None, {}, ref)
+    torch.testing.assert_close(rows, cggr.router_row_nll - baseline.values[sources], rtol=1e-5, atol=1e-5)
