@@ -555,7 +555,8 @@ class CGGRModel(nn.Module):
             per_row = n_scored.clamp_min(1).to(torch.float32)
             rows = scores.sum(1) / per_row
             # the router's own mean NLL per row (NaN with nothing scored): what a RunningBaseline tracks
-            self._router_row_nll = torch.where(n_scored > 0, torch.where(valid, stats.nll, 0.0).sum(1) / per_row,
+            # (stats.nll is 0 where the target is ignore_index, i.e. not valid: targets are sanitised above)
+            self._router_row_nll = torch.where(n_scored > 0, stats.nll.sum(1) / per_row,
                                                torch.full_like(per_row, math.nan))
             rows = torch.where((n_scored > 0) & torch.isfinite(rows), rows, torch.full_like(rows, -math.inf))
             confidence = batch_confidence(stats.p1, valid) if self.schedule.dynamic_threshold else None

@@ -28,7 +28,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from .model import IGNORE_INDEX
+
 LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
 
 
@@ -134,13 +135,16 @@ class RunningBaseline(nn.Module):
             raise ValueError(f"seq_len must be an int >= 2 (the rows' length, T), got {seq_len!r}")
         seen = self.seen.to(torch.float32)
         fill = (self.values * seen).sum() / seen.sum().clamp_min(1.0)
-        # keys outside [0, num_keys) would read out of bounds in index_select: the clamp keeps the read in
-        # range and the check below reports them (a device assert, not a host sync)
-        row = torch.where(self.seen[keys.clamp(0, len(self.values) - 1)],
-                          self.values[keys.clamp(0, len(self.values) - 1)], fill)
+        keys = self._in_range(keys)
+        row = torch.where(self.seen[keys], self.values[keys], fill)
+        return row[:, None].expand(len(keys), seq_len - 1)
+
+    def _in_range(self, keys: torch.Tensor) -> torch.Tensor:
+        # A key outside [0, num_keys) fails a device assert (no host sync); the clamp keeps the reads that
+        # were already queued in bounds.
         torch._assert_async(((keys >= 0) & (keys < len(self.values))).all(),
                             "RunningBaseline: a key is outside [0, num_keys)")
-        return row[:, None].expand(len(keys), seq_len - 1)
+        return keys.clamp(0, len(self.values) - 1)
 
     @torch.no_grad()
     def update(self, keys: torch.Tensor, row_nll: torch.Tensor):
@@ -148,9 +152,7 @@ class RunningBaseline(nn.Module):
         if not isinstance(row_nll, torch.Tensor) or tuple(row_nll.shape) != tuple(keys.shape):
             raise ValueError(f"row_nll: expected shape {tuple(keys.shape)} (one value per key), got "
                              f"{tuple(row_nll.shape) if isinstance(row_nll, torch.Tensor) else type(row_nll).__name__}")
-        torch._assert_async(((keys >= 0) & (keys < len(self.values))).all(),
-                            "RunningBaseline: a key is outside [0, num_keys)")
-        keys = keys.clamp(0, len(self.values) - 1)
+        keys = self._in_range(keys)
         row_nll = row_nll.detach().to(torch.float32)
         finite = torch.isfinite(row_nll)  # rows with nothing scored (-inf / nan) teach the baseline nothing
         sums = torch.zeros_like(self.values).index_add_(0, keys, torch.where(finite, row_nll, torch.zeros_like(row_nll)))

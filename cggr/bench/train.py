@@ -233,12 +233,7 @@ def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, au
     optimizer = make_optimizer(step_obj.module, optim, device)
     order = batch_order(len(train_rows), batch_size, ctx.seed + 1_000_003)
     for _ in range(n):
-        with autocast():
-            loss = step_obj.loss(_batch(train_rows, next(order), device))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_obj.after_step()
+        training_step(step_obj, _batch(train_rows, next(order), device), optimizer, autocast, optim.grad_clip)
     _sync(device)
     del clone, step_obj, optimizer
 
