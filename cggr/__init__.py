@@ -15,6 +15,7 @@ _EXPORTS = {
     "create_truncated_router": "router",
     "ReferenceModel": "reference",
     "RunningBaseline": "reference",
+    "domain_threshold": "reference",
     "fused_linear_selective_ce": "linear",
     "token_stats_from_hidden": "linear",
 }

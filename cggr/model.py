@@ -12,7 +12,8 @@ One training step (``loss = cggr_model(input_ids, labels=labels, attention_mask=
    ``cggr.scoring.score``. Labels are shifted the way Hugging Face causal LMs shift them: position t
    predicts ``labels[t + 1]``; the last position has no target.
 2. Row selection: ``k = ceil(ratio * B)`` rows by a row policy (``hardest``, ``stratified``,
-   ``random``, ``importance``; ``register_row_policy`` adds more).
+   ``random``, ``importance``, ``reference_filter``; ``register_row_policy`` adds more). ``random`` and
+   ``reference_filter`` (rows a reference model finds in-domain first) need no router pass.
 3. Full forward (+ the caller's backward) on those k rows only.
 
 Documented policies
@@ -96,6 +97,9 @@ class RowPolicy(NamedTuple):
     select: Callable[[Optional[torch.Tensor], int, torch.Generator], RowSelection]
     needs_scores: bool
     loss_norm: str = "selected"
+    # True: ``select`` gets each row's mean reference NLL (``_reference_row_means``; lower = closer to the
+    # reference's own data) instead of router scores, and no router pass runs for it.
+    reference_rows: bool = False
 
 
 def _ascending(indices):
@@ -169,22 +173,48 @@ def _select_importance(row_scores, k, generator, mix=0.9, temperature=1.0):
     return RowSelection(indices, weight.to(torch.float32))
 
 
+def _select_reference_filter(row_reference, k, generator, threshold):
+    """The rows the reference model finds in-domain (mean reference NLL <= ``threshold``) first, in random
+    order, then random rows of the rest: the reference used as a domain filter, no router pass.
+
+    Keys: uniform in [0, 1) plus 1 for in-domain rows, so the k largest take every in-domain row before any
+    other (a random subset of them when there are more than k). NaN means (nothing scored) are not in-domain.
+    """
+    keys = torch.rand(row_reference.shape, generator=generator, device=row_reference.device)
+    keys = keys + (row_reference <= threshold).to(keys.dtype)
+    return RowSelection(_ascending(torch.topk(keys, k, sorted=False).indices), None)
+
+
+def check_reference_threshold(threshold):
+    """``reference_threshold``: None or a finite number; a float back."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(float(threshold)):
+        raise ValueError(f"reference_threshold must be None or a finite number (a mean NLL in nats), got {threshold!r}")
+    return float(threshold)
+
+
 ROW_POLICIES = {
     "hardest": RowPolicy(_select_hardest, True),
     "stratified": RowPolicy(_select_stratified, True),
     "random": RowPolicy(_select_random, False),
     "importance": RowPolicy(_select_importance, True, "batch"),
+    "reference_filter": RowPolicy(_select_reference_filter, False, reference_rows=True),
 }
 
 
 def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False,
-                        loss_norm: str = "selected"):
+                        loss_norm: str = "selected", reference_rows: bool = False):
     """Extension point (importance sampling, excess-loss rows, ...): ``select`` as in ``RowPolicy``.
 
-    A policy with ``needs_scores=False`` is called with the batch size ``B`` (an int) instead of scores.
+    A policy with ``needs_scores=False`` is called with the batch size ``B`` (an int) instead of scores;
+    one with ``reference_rows=True`` (and ``needs_scores=False``) with the rows' mean reference NLL.
     Returning ``row_weight`` switches the loss to the weighted form (module docstring, "Loss"), normalised
     as ``loss_norm`` says (``RowPolicy``).
     """
+    if needs_scores and reference_rows:
+        raise ValueError(f"row policy {name!r}: a policy selects either on router scores (needs_scores=True) "
+                         "or on reference NLL (reference_rows=True), not both")
     if loss_norm not in LOSS_NORMS:
         raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {loss_norm!r}")
     if not isinstance(name, str) or not name:
@@ -193,7 +223,7 @@ def register_row_policy(name: str, select, needs_scores: bool = True, overwrite:
         raise ValueError(f"row policy {name!r} already exists (pass overwrite=True to replace it)")
     if not callable(select):
         raise TypeError(f"row policy {name!r}: select must be callable, got {type(select).__name__}")
-    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores), loss_norm)
+    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores), loss_norm, bool(reference_rows))
 
 
 def default_selection(scoring: str) -> str:
@@ -205,6 +235,27 @@ def default_selection(scoring: str) -> str:
     rows on the data's own mix, from scratch or in fine-tuning: random rows, which also skip the router.
     """
     return "hardest" if scoring == "excess_loss" else "random"
+
+
+def _shifted_targets(labels, attention_mask):
+    """[B, T] targets (HF shift: position t predicts labels[t + 1]; the last position gets ignore_index)
+    and which of them are scored: not ignore_index and, with a mask, both positions real tokens."""
+    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    valid = targets != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        valid = valid & real & nn.functional.pad(real[:, 1:], (0, 1), value=False)
+    return targets, valid
+
+
+def _reference_row_means(reference_nll, labels, attention_mask):
+    """[B] float32 mean of ``reference_nll`` ([B, T-1]) over each row's scored targets; NaN for a row with
+    none (so it never passes a threshold). Device-side, no sync."""
+    _, valid = _shifted_targets(labels, attention_mask)
+    valid = valid[:, :-1]
+    ref = torch.where(valid, reference_nll.to(labels.device, torch.float32), 0.0)
+    n = valid.sum(1)
+    return torch.where(n > 0, ref.sum(1) / n.clamp_min(1).to(torch.float32), math.nan)
 
 
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
@@ -224,8 +275,8 @@ class CGGRModel(nn.Module):
         scoring: token difficulty strategy (``cggr.scoring``): entropy|margin|loss|combined|excess_loss
             (``excess_loss`` needs ``reference_nll=[B, T-1]`` in the call, one value per shifted target).
         selection: ``'auto'`` (default, ``default_selection``: ``'hardest'`` with ``scoring='excess_loss'``,
-            else ``'random'``) or a row policy name (``ROW_POLICIES``): hardest|stratified|random|importance,
-            or a registered one. ``importance``: k rows drawn with replacement from
+            else ``'random'``) or a row policy name (``ROW_POLICIES``): hardest|stratified|random|importance|
+            reference_filter, or a registered one. ``importance``: k rows drawn with replacement from
             ``p = (1 - importance_mix) / B + importance_mix * softmax(row_score / importance_temperature)``
             and weighted ``1 / (k p)`` over the whole batch's token count: an unbiased estimate of the
             full batch's loss and gradient (``_select_importance``).
@@ -237,6 +288,11 @@ class CGGRModel(nn.Module):
             ...``): the trunk still runs over the whole sequence (the attention context), but the LM head
             and the token statistics, the larger part of the router's cost, run on ``1/s`` of the tokens.
             A row's difficulty is then the mean over its scored positions among those (1 = every token).
+        reference_threshold: with ``selection='reference_filter'`` (and only then; required): rows whose mean
+            ``reference_nll`` over their scored targets is at most this many nats are the reference's domain
+            and are taken first, in random order; random rows of the rest fill up to k. No router pass:
+            the reference is the whole signal (``cggr.reference.domain_threshold`` picks the value from
+            the reference's NLL over the training data, without labels).
         router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
             ``ROUTER_CHUNK_BYTES`` of logits; the router holds no activations for backward, so larger
             chunks than the training path's cost little memory and save per-chunk launch overhead).
@@ -262,7 +318,8 @@ class CGGRModel(nn.Module):
                  compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
                  loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
-                 importance_temperature: float = 1.0, router_token_stride: int = 1):
+                 importance_temperature: float = 1.0, router_token_stride: int = 1,
+                 reference_threshold: Optional[float] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -303,6 +360,13 @@ class CGGRModel(nn.Module):
         select = self.policy.select
         if select is _select_importance:
             select = functools.partial(select, mix=self.importance_mix, temperature=self.importance_temperature)
+        self.reference_threshold = check_reference_threshold(reference_threshold)
+        if (select is _select_reference_filter) != (self.reference_threshold is not None):
+            raise ValueError("reference_threshold is needed by selection='reference_filter' and only by it "
+                             f"(selection={selection!r}, reference_threshold={reference_threshold!r}); "
+                             "cggr.reference.domain_threshold computes one from the reference's NLL over your data")
+        if select is _select_reference_filter:
+            select = functools.partial(select, threshold=self.reference_threshold)
         self._select = select
         self.router_chunk_size = router_chunk_size
         if isinstance(router_token_stride, bool) or not isinstance(router_token_stride, int) or router_token_stride < 1:
@@ -427,11 +491,17 @@ class CGGRModel(nn.Module):
             raise ValueError(f"attention_mask: expected a 2-D mask of shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         reference_nll = kwargs.pop("reference_nll", None)
-        if (reference_nll is None) != (self.scoring != "excess_loss"):
-            raise ValueError("reference_nll is needed by scoring='excess_loss' and only by it "
-                             f"(scoring={self.scoring!r}, reference_nll given: {reference_nll is not None})")
-
+        wants_reference = self.scoring == "excess_loss" or self.policy.reference_rows
+        if (reference_nll is None) == wants_reference:
+            raise ValueError("reference_nll is needed by scoring='excess_loss' or a reference row policy "
+                             f"(selection='reference_filter') and only by them (scoring={self.scoring!r}, "
+                             f"selection={self.selection!r}, reference_nll given: {reference_nll is not None})")
         B, T = input_ids.shape
+        if reference_nll is not None and (not isinstance(reference_nll, torch.Tensor)
+                                          or tuple(reference_nll.shape) != (B, T - 1)):
+            raise ValueError(f"reference_nll: expected a tensor of shape {(B, T - 1)} (one value per shifted "
+                             f"target), got {tuple(reference_nll.shape) if isinstance(reference_nll, torch.Tensor) else type(reference_nll).__name__}")
+
         self._router_row_nll = None
         timing = self._start_timing(input_ids.device) if self.collect_timing else None
         ratio = self.current_ratio
@@ -448,7 +518,11 @@ class CGGRModel(nn.Module):
                 k = rows_for_ratio(ratio, B)
             if k < B:
                 generator = self._generator(input_ids.device)
-                selection = self._select(row_scores if self.policy.needs_scores else B, k, generator)
+                if self.policy.reference_rows:
+                    policy_input = _reference_row_means(reference_nll, labels, attention_mask)
+                else:
+                    policy_input = row_scores if self.policy.needs_scores else B
+                selection = self._select(policy_input, k, generator)
         if timing is not None:
             self._mark_router_end(timing)
 
@@ -524,19 +598,10 @@ class CGGRModel(nn.Module):
                 # model's own LM head would run in the autocast dtype too, so the scoring matmul does.
                 weight = weight.to(hidden.dtype)
                 bias = bias.to(hidden.dtype) if bias is not None else None
-            # HF shift: position t predicts labels[t + 1]; the last position gets ignore_index.
-            targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            valid = targets != IGNORE_INDEX
-            if attention_mask is not None:
-                real = attention_mask.bool()
-                # both the predicting position and the target must be real tokens
-                valid = valid & real & nn.functional.pad(real[:, 1:], (0, 1), value=False)
+            targets, valid = _shifted_targets(labels, attention_mask)
             targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
             ref = None
-            if reference_nll is not None:
-                if tuple(reference_nll.shape) != (B, T - 1):
-                    raise ValueError(f"reference_nll: expected shape {(B, T - 1)} (one value per shifted "
-                                     f"target), got {tuple(reference_nll.shape)}")
+            if reference_nll is not None:  # shape checked in forward
                 ref = nn.functional.pad(reference_nll.to(torch.float32), (0, 1))
             stride = self.router_token_stride
             if stride > 1:  # the scored positions only: s-1, 2s-1, ... (hidden is copied, 1/s of it)

@@ -14,6 +14,11 @@ shifted target (``[B, T-1]`` for ``CGGRModel``). Three sources of that tensor:
   is (difficulty without drifting towards high-entropy sources); with dataset row indices as keys, how
   much a row's loss has come down since it was last seen. Device-side, no host synchronisation.
 
+The reference can also be the whole signal: ``CGGRModel(selection='reference_filter',
+reference_threshold=t)`` takes the rows whose mean reference NLL is at most ``t`` first (the reference's
+own domain) and fills up with random rows, without a router pass. ``domain_threshold(row_nll)`` picks
+``t`` from the reference's row NLL over the training data, without labels.
+
 Typical loop with a running baseline (``CGGRModel.router_row_nll`` is the router's mean NLL per row of
 the last forward)::
 
@@ -162,3 +167,34 @@ class RunningBaseline(nn.Module):
         moved = torch.where(self.seen, self.momentum * self.values + (1.0 - self.momentum) * batch_mean, batch_mean)
         self.values.copy_(torch.where(hit, moved, self.values))
         self.seen.logical_or_(hit)
+
+
+def domain_threshold(row_nll) -> float:
+    """A label-free split of rows into the reference's domain and the rest: Otsu's threshold on row NLL.
+
+    ``row_nll``: 1-D mean reference NLL per row over the training data (or a sample of it; a tensor or
+    anything ``torch.as_tensor`` takes), at least 2 finite values, not all equal. A reference trained on
+    one domain gives that domain's rows a low NLL and everything else a high one; the threshold is the
+    cut between the two groups that maximises the between-group variance (Otsu, 1979), returned as the
+    midpoint between the two values it falls between (a Python float, for ``reference_threshold``).
+    """
+    values = torch.as_tensor(row_nll).detach().to("cpu", torch.float64)
+    if values.dim() != 1:
+        raise ValueError(f"row_nll: expected a 1-D sequence of row NLLs, got shape {tuple(values.shape)}")
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        raise ValueError(f"row_nll: {int((~finite).sum())} of {len(values)} values are not finite")
+    x = torch.sort(values).values
+    n = len(x)
+    if n < 2 or bool(x[0] == x[-1]):
+        raise ValueError(f"row_nll: need at least 2 distinct values to split, got {n} value(s)"
+                         + ("" if n < 2 else f", all {float(x[0])}"))
+    # Split after position i (i = 1 .. n-1): w0 = i/n, w1 = 1 - w0, between-class variance w0 w1 (m0 - m1)^2.
+    csum = torch.cumsum(x, 0)
+    i = torch.arange(1, n, dtype=torch.float64)
+    m0 = csum[:-1] / i
+    m1 = (csum[-1] - csum[:-1]) / (n - i)
+    between = (i / n) * (1 - i / n) * (m0 - m1) ** 2
+    between = torch.where(x[1:] > x[:-1], between, torch.full_like(between, -1.0))  # no cut between equal values
+    cut = int(torch.argmax(between))
+    return float((x[cut] + x[cut + 1]) / 2)

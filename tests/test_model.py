@@ -346,7 +346,7 @@ def test_excess_loss_scoring_uses_reference_nll():
     torch.testing.assert_close(recorder.calls[0]["input_ids"], ids[1:2])
     with pytest.raises(ValueError, match="reference_nll is needed by scoring='excess_loss'"):
         cggr(ids, labels=labels)
-    with pytest.raises(ValueError, match=r"reference_nll: expected shape \(4, 11\)"):
+    with pytest.raises(ValueError, match=r"reference_nll: expected a tensor of shape \(4, 11\)"):
         cggr(ids, labels=labels, reference_nll=torch.zeros(4, 12))
 
 

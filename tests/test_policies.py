@@ -252,3 +252,119 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     imp = cggr_for(model, k, scoring="excess_loss")
     with torch.no_grad():
         assert torch.isfinite(imp(ids, labels=labels, attention_mask=mask, reference_nll=reference))
+
+
+# -- (e) reference_filter: the reference as a domain filter, no router ---------------------------------
+
+def reference_row_means_float64(reference, labels, mask):
+    """Mean reference NLL over each row's scored shifted targets (float64), NaN for a row with none."""
+    valid = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    out = torch.full((len(labels),), math.nan, dtype=torch.float64)
+    for i in range(len(labels)):
+        if valid[i].any():
+            out[i] = reference[i].double()[valid[i]].mean()
+    return out
+
+
+def test_reference_row_means_match_float64():
+    from cggr.model import _reference_row_means
+
+    ids, labels, mask = padded_batch()
+    for seed in range(3):
+        reference = torch.rand(B, T - 1, generator=torch.Generator().manual_seed(seed)) * 8
+        got = _reference_row_means(reference, labels, mask)
+        want = reference_row_means_float64(reference, labels, mask)
+        assert got.dtype == torch.float32 and torch.isnan(got[5]) and torch.isnan(want[5])
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def _in_domain_reference(in_domain):
+    """Reference NLL 1.0 on the rows of ``in_domain`` and 5.0 elsewhere, with noise that no masked
+    token can move across the threshold of 3.0 (padding and -100 targets get 100: never read)."""
+    ids, labels, mask = padded_batch()
+    reference = torch.full((B, T - 1), 5.0)
+    reference[list(in_domain)] = 1.0
+    reference += 0.1 * torch.rand(B, T - 1, generator=torch.Generator().manual_seed(1))
+    valid = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    return ids, labels, mask, torch.where(valid, reference, torch.full_like(reference, 100.0))
+
+
+@pytest.mark.parametrize("in_domain,k", [({0, 3}, 4), ({1, 2, 3, 4}, 2), ({2}, 1), (set(), 3)])
+def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
+    model = llama()
+    ids, labels, mask, reference = _in_domain_reference(in_domain)
+    m = cggr_for(model, k, selection="reference_filter", reference_threshold=3.0, seed=7)
+    assert m.router is None  # no router pass: the reference is the whole signal
+    seen = set()
+    for _ in range(60):
+        with torch.no_grad():
+            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+        rows = m._last["rows"].tolist()
+        assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
+        if len(in_domain) >= k:
+            assert set(rows) <= in_domain
+        else:
+            assert in_domain <= set(rows)
+        seen |= set(rows)
+    # the rest is random: over many draws every candidate row is picked (row 5 has nothing scored: NaN
+    # mean, never in-domain, still a filler candidate)
+    assert seen == (in_domain if len(in_domain) >= k else set(range(B)))
+
+
+def test_reference_filter_loss_is_the_models_loss_on_its_rows():
+    model = llama()
+    ids, labels, mask, reference = _in_domain_reference({1, 4})
+    m = cggr_for(model, 2, selection="reference_filter", reference_threshold=3.0)
+    loss = m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+    assert m._last["rows"].tolist() == [1, 4]
+    plain = model(ids[[1, 4]], attention_mask=mask[[1, 4]], labels=labels[[1, 4]]).loss
+    torch.testing.assert_close(loss, plain)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_reference_filter_bad_input():
+    model = llama()
+    ids, labels, mask, reference = _in_domain_reference({0})
+    with pytest.raises(ValueError, match="reference_threshold is needed by selection='reference_filter'"):
+        cggr_for(model, 2, selection="reference_filter")
+    with pytest.raises(ValueError, match="reference_threshold is needed"):
+        cggr_for(model, 2, selection="random", reference_threshold=3.0)
+    for bad in (float("nan"), float("inf"), "3", True):
+        with pytest.raises(ValueError, match="reference_threshold must be None or a finite number"):
+            cggr_for(model, 2, selection="reference_filter", reference_threshold=bad)
+    m = cggr_for(model, 2, selection="reference_filter", reference_threshold=3)
+    with pytest.raises(ValueError, match="reference_nll is needed"):
+        m(ids, labels=labels, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"reference_nll: expected a tensor of shape \(6, 8\).*\(6, 9\)"):
+        m(ids, labels=labels, attention_mask=mask, reference_nll=torch.zeros(B, T))
+    with pytest.raises(ValueError, match="reference_nll is needed"):
+        cggr_for(model, 2, selection="random")(ids, labels=labels, reference_nll=reference)
+    with pytest.raises(ValueError, match="either on router scores"):
+        register_row_policy("test_both_inputs", ROW_POLICIES["hardest"].select, needs_scores=True,
+                            reference_rows=True)
+
+
+def test_registered_reference_policy_gets_row_means():
+    from cggr.model import RowSelection
+
+    got = {}
+
+    def lowest_reference(row_reference, k, generator):
+        got["rows"] = row_reference.clone()
+        scores = torch.where(torch.isnan(row_reference), math.inf, row_reference)
+        return RowSelection(torch.sort(torch.topk(-scores, k).indices).values, None)
+
+    register_row_policy("test_lowest_reference", lowest_reference, needs_scores=False, reference_rows=True,
+                        overwrite=True)
+    try:
+        model = llama()
+        ids, labels, mask, reference = _in_domain_reference({2, 3})
+        m = cggr_for(model, 2, selection="test_lowest_reference")
+        with torch.no_grad():
+            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+        assert m._last["rows"].tolist() == [2, 3] and m.router is None
+        torch.testing.assert_close(got["rows"].double(), reference_row_means_float64(reference, labels, mask),
+                                   equal_nan=True)
+    finally:
+        ROW_POLICIES.pop("test_lowest_reference")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from cggr.model import CGGRModel
-from cggr.reference import ReferenceModel, RunningBaseline
+from cggr.reference import ReferenceModel, RunningBaseline, domain_threshold
 
 from test_router import VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest, no package)
 
@@ -171,3 +171,49 @@ def test_running_baseline_with_cggr_model_end_to_end():
     ref = baseline.reference_nll(sources, ids.shape[1])
     rows, _ = cggr._score_rows(ids, labels, None, {}, ref)
     torch.testing.assert_close(rows, cggr.router_row_nll - baseline.values[sources], rtol=1e-5, atol=1e-5)
+
+
+# -- domain_threshold: Otsu's split of row NLLs ------------------------------------------------------
+
+def otsu_brute_force(values):
+    """Every cut between distinct sorted values, between-class variance in float64; the best cut's midpoint."""
+    x = sorted(float(v) for v in values)
+    n, best, arg = len(x), -1.0, None
+    for i in range(1, n):
+        if x[i] == x[i - 1]:
+            continue
+        a, b = x[:i], x[i:]
+        m0, m1 = sum(a) / len(a), sum(b) / len(b)
+        var = (len(a) / n) * (len(b) / n) * (m0 - m1) ** 2
+        if var > best:
+            best, arg = var, (x[i - 1] + x[i]) / 2
+    return arg
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_domain_threshold_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 60, (1,), generator=g))
+    values = torch.randn(n, generator=g, dtype=torch.float64).round(decimals=1)  # ties included
+    if values.min() == values.max():
+        values[0] += 1
+    assert domain_threshold(values) == pytest.approx(otsu_brute_force(values.tolist()), abs=1e-12)
+
+
+def test_domain_threshold_separates_a_small_low_group():
+    g = torch.Generator().manual_seed(0)
+    in_domain = 3.5 + 0.3 * torch.randn(80, generator=g)      # 8 %: the reference's own domain
+    others = 6.5 + 0.4 * torch.randn(920, generator=g)
+    t = domain_threshold(torch.cat([others, in_domain]).numpy().astype("float32"))
+    assert in_domain.max() < t < others.min() and isinstance(t, float)
+
+
+def test_domain_threshold_bad_input():
+    with pytest.raises(ValueError, match="1-D"):
+        domain_threshold(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="not finite"):
+        domain_threshold([1.0, float("nan"), 2.0])
+    with pytest.raises(ValueError, match="at least 2 distinct values.*got 1 value"):
+        domain_threshold([1.0])
+    with pytest.raises(ValueError, match="all 2.0"):
+        domain_threshold([2.0, 2.0, 2.0])

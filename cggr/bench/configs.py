@@ -245,6 +245,20 @@ def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_la
     return build
 
 
+def build_reference_filter(model, ratio, ctx):
+    """CGGRModel ``selection='reference_filter'``: rows below the reference's label-free domain threshold
+    (``cggr.reference.domain_threshold`` over the pool's row NLL) first, random filler, no router."""
+    from cggr.model import CGGRModel
+    from cggr.reference import domain_threshold
+
+    if ctx.reference_row_nll is None:
+        raise ValueError("reference_filter needs the reference model's NLL (regime 'target')")
+    m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
+                  selection="reference_filter", reference_threshold=domain_threshold(ctx.reference_row_nll),
+                  seed=ctx.seed)
+    return CGGRModelStep(m, ctx.reference_token_nll)
+
+
 def router_depth(ctx: StepContext, max_router_layers: Optional[int]) -> int:
     return ctx.router_layers if max_router_layers is None else min(ctx.router_layers, max_router_layers)
 
@@ -309,6 +323,9 @@ CONFIGS: Dict[str, Config] = {
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),
                                    "half the rows by the lowest reference NLL (no router), the rest random"),
+    "reference_filter": Config(build_reference_filter, True, ("target",),
+                               "CGGRModel reference_filter: rows the reference finds in-domain first "
+                               "(label-free threshold), random filler, no router"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),
                             "CGGRLoss tokens with the highest NLL minus reference NLL (Rho-1)"),
 }

@@ -38,6 +38,7 @@ from . import data as D
 from .configs import REGIMES, StepContext, get_config, router_depth
 from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
+from ..reference import domain_threshold
 
 
 @dataclasses.dataclass
@@ -235,7 +236,19 @@ class Bench:
                              f"{(len(self.train_rows), self.s.seq_len)}")
         info["nll"] = torch.from_numpy(nll).to(self.device)
         info["row_nll"] = nll.mean(axis=1)
+        info["domain_filter"] = self._domain_filter_report(info["row_nll"])
         return info
+
+    def _domain_filter_report(self, row_nll: np.ndarray) -> Dict:
+        """How well the label-free threshold of ``reference_filter`` separates the target domain in the pool
+        (the labels are read here for the report only; no configuration sees these numbers)."""
+        threshold = domain_threshold(row_nll)
+        below = row_nll <= threshold
+        is_target = self.train_rows.source_ids == self.corpus.sources.index(self.s.target_source)
+        hits = int((below & is_target).sum())
+        return {"threshold": threshold, "pool_share_below": float(below.mean()),
+                "target_share_of_pool": float(is_target.mean()),
+                "target_recall": hits / max(1, int(is_target.sum())), "precision": hits / max(1, int(below.sum()))}
 
     def _load_or_train_reference(self, seed: int, path: str):
         info_path = path[:-4] + ".json"
