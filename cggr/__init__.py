@@ -16,6 +16,7 @@ _EXPORTS = {
     "ReferenceModel": "reference",
     "RunningBaseline": "reference",
     "domain_threshold": "reference",
+    "otsu_threshold": "reference",
     "fused_linear_selective_ce": "linear",
     "token_stats_from_hidden": "linear",
 }

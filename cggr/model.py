@@ -292,7 +292,7 @@ class CGGRModel(nn.Module):
             ``reference_nll`` over their scored targets is at most this many nats are the reference's domain
             and are taken first, in random order; random rows of the rest fill up to k. No router pass:
             the reference is the whole signal (``cggr.reference.domain_threshold`` picks the value from
-            the reference's NLL over the training data, without labels).
+            the reference's NLL on clean in-domain rows it did not train on).
         router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
             ``ROUTER_CHUNK_BYTES`` of logits; the router holds no activations for backward, so larger
             chunks than the training path's cost little memory and save per-chunk launch overhead).
@@ -364,7 +364,8 @@ class CGGRModel(nn.Module):
         if (select is _select_reference_filter) != (self.reference_threshold is not None):
             raise ValueError("reference_threshold is needed by selection='reference_filter' and only by it "
                              f"(selection={selection!r}, reference_threshold={reference_threshold!r}); "
-                             "cggr.reference.domain_threshold computes one from the reference's NLL over your data")
+                             "cggr.reference.domain_threshold computes one from the reference's NLL on held-out "
+                             "in-domain rows")
         if select is _select_reference_filter:
             select = functools.partial(select, threshold=self.reference_threshold)
         self._select = select

@@ -99,6 +99,11 @@ def test_reference_slice_and_pool_are_disjoint_documents(corpus):
     ref_docs, pool_docs = set(_documents(ref, eot)), set(_documents(pool, eot))
     assert ref_docs and pool_docs and not ref_docs & pool_docs
     assert len(ref) + len(pool) == len(corpus.stream("python_doc", "train"))
+    # the reference's own slice, cut again: training documents and held-out ones, disjoint, same union
+    train, held = D.split_reference_slice(corpus, "python_doc", 0.5, 0.25)
+    train_docs, held_docs = set(_documents(train, eot)), set(_documents(held, eot))
+    assert train_docs and held_docs and not train_docs & held_docs
+    assert train_docs | held_docs == ref_docs and len(train) + len(held) == len(ref)
 
 
 def test_batch_order_is_a_function_of_the_seed():
@@ -179,6 +184,12 @@ def test_every_configuration_of_every_regime_ran(bench_out, cache_dir):
     assert finetune["init_checkpoint"].startswith(cache_dir)  # large artefacts stay out of OUT
     target = next(r for r in runs if r["regime"] == "target")
     assert target["primary"] == "python_doc" and target["reference"]["preset"] == "tiny"
+    ref = target["reference"]
+    assert ref["heldout_rows"] >= 1 and "heldout_row_nll" not in ref  # the values stay in the cache
+    assert set(ref["thresholds"]) == set(ref["domain_filter"]) == {"heldout", "otsu"}
+    for name, report_ in ref["domain_filter"].items():
+        assert report_["threshold"] == ref["thresholds"][name]
+        assert 0 <= report_["precision"] <= 1 and 0 <= report_["target_recall"] <= 1
 
 
 def test_same_seed_same_run(bench_out, tmp_path, cache_dir):

@@ -1,10 +1,12 @@
 """cggr.reference: ReferenceModel (per-token NLL of a frozen LM), RunningBaseline, CGGRModel.router_row_nll."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cggr.model import CGGRModel
-from cggr.reference import ReferenceModel, RunningBaseline, domain_threshold
+from cggr.reference import ReferenceModel, RunningBaseline, domain_threshold, otsu_threshold
 
 from test_router import VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest, no package)
 
@@ -173,7 +175,7 @@ def test_running_baseline_with_cggr_model_end_to_end():
     torch.testing.assert_close(rows, cggr.router_row_nll - baseline.values[sources], rtol=1e-5, atol=1e-5)
 
 
-# -- domain_threshold: Otsu's split of row NLLs ------------------------------------------------------
+# -- otsu_threshold: Otsu's split of row NLLs ------------------------------------------------------
 
 def otsu_brute_force(values):
     """Every cut between distinct sorted values, between-class variance in float64; the best cut's midpoint."""
@@ -191,29 +193,59 @@ def otsu_brute_force(values):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_domain_threshold_matches_brute_force(seed):
+def test_otsu_threshold_matches_brute_force(seed):
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(2, 60, (1,), generator=g))
     values = torch.randn(n, generator=g, dtype=torch.float64).round(decimals=1)  # ties included
     if values.min() == values.max():
         values[0] += 1
-    assert domain_threshold(values) == pytest.approx(otsu_brute_force(values.tolist()), abs=1e-12)
+    assert otsu_threshold(values) == pytest.approx(otsu_brute_force(values.tolist()), abs=1e-12)
 
 
-def test_domain_threshold_separates_a_small_low_group():
+def test_otsu_threshold_separates_a_small_low_group():
     g = torch.Generator().manual_seed(0)
     in_domain = 3.5 + 0.3 * torch.randn(80, generator=g)      # 8 %: the reference's own domain
     others = 6.5 + 0.4 * torch.randn(920, generator=g)
-    t = domain_threshold(torch.cat([others, in_domain]).numpy().astype("float32"))
+    t = otsu_threshold(torch.cat([others, in_domain]).numpy().astype("float32"))
     assert in_domain.max() < t < others.min() and isinstance(t, float)
 
 
-def test_domain_threshold_bad_input():
-    with pytest.raises(ValueError, match="1-D"):
-        domain_threshold(torch.zeros(2, 3))
+def test_otsu_threshold_bad_input():
+    with pytest.raises(ValueError, match="row_nll: expected a non-empty 1-D"):
+        otsu_threshold(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="not finite"):
-        domain_threshold([1.0, float("nan"), 2.0])
+        otsu_threshold([1.0, float("nan"), 2.0])
     with pytest.raises(ValueError, match="at least 2 distinct values.*got 1 value"):
-        domain_threshold([1.0])
+        otsu_threshold([1.0])
     with pytest.raises(ValueError, match="all 2.0"):
-        domain_threshold([2.0, 2.0, 2.0])
+        otsu_threshold([2.0, 2.0, 2.0])
+
+
+# -- domain_threshold: a quantile of the reference's NLL on held-out in-domain rows -------------------
+
+@pytest.mark.parametrize("recall", [0.5, 0.9, 0.95, 1.0])
+def test_domain_threshold_is_the_recall_quantile(recall):
+    g = torch.Generator().manual_seed(int(recall * 100))
+    values = 3 + torch.rand(37, generator=g, dtype=torch.float64)
+    t = domain_threshold(values.float().numpy(), recall)
+    assert isinstance(t, float)
+    # float64 reference: linear interpolation between order statistics
+    x = sorted(values.float().double().tolist())
+    pos = recall * (len(x) - 1)
+    lo = int(pos)
+    want = x[lo] + (pos - lo) * (x[min(lo + 1, len(x) - 1)] - x[lo])
+    assert t == pytest.approx(want, abs=1e-12)
+    assert sum(v <= t + 1e-12 for v in x) >= math.ceil(recall * len(x) - 1e-9) - 1
+    assert domain_threshold([4.25]) == 4.25
+
+
+def test_domain_threshold_bad_input():
+    for bad in (0, 0.0, 1.5, -0.1, True, "0.9", None):
+        with pytest.raises(ValueError, match="recall must be a number in"):
+            domain_threshold([1.0, 2.0], bad)
+    with pytest.raises(ValueError, match="heldout_row_nll: expected a non-empty 1-D"):
+        domain_threshold([])
+    with pytest.raises(ValueError, match="heldout_row_nll: expected a non-empty 1-D"):
+        domain_threshold(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="heldout_row_nll: 1 of 2 values are not finite"):
+        domain_threshold([1.0, float("inf")])

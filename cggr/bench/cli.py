@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--init-checkpoint", default=None,
                    help="finetune: stage-1 model folder (CACHE/init/... of an earlier run, or any HF causal LM); "
                         "skips stage 1")
+    g.add_argument("--reference-holdout-frac", type=float, default=0.1,
+                   help="fraction of the reference's clean documents it never trains on; its NLL on them sets "
+                        "the domain threshold of reference_filter")
     g.add_argument("--reference-preset", choices=sorted(PRESETS), default="tiny")
     g.add_argument("--seq-len", type=int, default=128)
     g.add_argument("--batch-size", type=int, default=16)
@@ -154,6 +157,8 @@ def settings_from_args(args, parser, log):
     if args.compile and args.selection_warmup_steps:
         parser.error("--compile compiles one graph per row count: the selection curriculum "
                      "(--selection-warmup-steps > 0) would change it every step, compiling inside the clock")
+    if not 0 < args.reference_holdout_frac < 1:
+        parser.error(f"--reference-holdout-frac must be in (0, 1), got {args.reference_holdout_frac}")
     if not all(0 < r <= 1 for r in args.ratios):
         parser.error("--ratios must be in (0, 1]")
 
@@ -168,6 +173,7 @@ def settings_from_args(args, parser, log):
             router_layers=args.router_layers, selection_warmup_steps=args.selection_warmup_steps,
             finetune_source=args.finetune_source, target_source=args.target_source,
             reference_preset=args.reference_preset, reference_frac=args.reference_frac,
+            reference_holdout_frac=args.reference_holdout_frac,
             untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, out=args.out,
             cache_dir=args.cache_dir)
     return settings, corpus

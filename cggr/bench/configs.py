@@ -38,6 +38,7 @@ class StepContext:
     target_source_id: Optional[int] = None            # regime "target": the goal domain
     reference_token_nll: Optional[torch.Tensor] = None  # [n_train_rows, seq_len] reference NLL (regime "target")
     reference_row_nll: Optional[np.ndarray] = None      # [n_train_rows] its row means, on the host
+    reference_thresholds: Optional[Dict[str, float]] = None  # domain thresholds of reference_filter, by method
     num_sources: int = 0      # source ids are in [0, num_sources) (running per-source baselines)
     num_train_rows: int = 0   # Batch.index is in [0, num_train_rows) (running per-row baselines)
 
@@ -245,18 +246,20 @@ def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_la
     return build
 
 
-def build_reference_filter(model, ratio, ctx):
-    """CGGRModel ``selection='reference_filter'``: rows below the reference's label-free domain threshold
-    (``cggr.reference.domain_threshold`` over the pool's row NLL) first, random filler, no router."""
-    from cggr.model import CGGRModel
-    from cggr.reference import domain_threshold
+def reference_filter_builder(method: str):
+    """CGGRModel ``selection='reference_filter'``: rows below the reference's domain threshold first, random
+    filler, no router. ``method``: ``'heldout'`` (``cggr.reference.domain_threshold`` of the reference's NLL
+    on clean documents it never trained on) or ``'otsu'`` (``otsu_threshold`` of its NLL over the pool)."""
+    def build(model, ratio, ctx):
+        from cggr.model import CGGRModel
 
-    if ctx.reference_row_nll is None:
-        raise ValueError("reference_filter needs the reference model's NLL (regime 'target')")
-    m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
-                  selection="reference_filter", reference_threshold=domain_threshold(ctx.reference_row_nll),
-                  seed=ctx.seed)
-    return CGGRModelStep(m, ctx.reference_token_nll)
+        if ctx.reference_thresholds is None:
+            raise ValueError("reference_filter needs the reference model's thresholds (regime 'target')")
+        m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
+                      selection="reference_filter", reference_threshold=ctx.reference_thresholds[method],
+                      seed=ctx.seed)
+        return CGGRModelStep(m, ctx.reference_token_nll)
+    return build
 
 
 def router_depth(ctx: StepContext, max_router_layers: Optional[int]) -> int:
@@ -323,9 +326,11 @@ CONFIGS: Dict[str, Config] = {
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),
                                    "half the rows by the lowest reference NLL (no router), the rest random"),
-    "reference_filter": Config(build_reference_filter, True, ("target",),
-                               "CGGRModel reference_filter: rows the reference finds in-domain first "
-                               "(label-free threshold), random filler, no router"),
+    "reference_filter": Config(reference_filter_builder("heldout"), True, ("target",),
+                               "CGGRModel reference_filter: rows the reference finds as easy as its held-out "
+                               "clean documents first, random filler, no router"),
+    "reference_filter_otsu": Config(reference_filter_builder("otsu"), True, ("target",),
+                                    "reference_filter with Otsu's split of the pool's reference NLL as threshold"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),
                             "CGGRLoss tokens with the highest NLL minus reference NLL (Rho-1)"),
 }

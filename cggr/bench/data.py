@@ -207,21 +207,41 @@ def build_rows(corpus: Corpus, split: str, sources: Sequence[str], row_len: int)
     return RowSet(np.concatenate(rows), np.concatenate(ids), list(corpus.sources))
 
 
-def split_documents_of_stream(corpus: Corpus, source: str, split: str, frac: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Cut one token stream by whole documents: a fixed random ``frac`` of them, and the rest (both in order)."""
+def _document_spans(corpus: Corpus, source: str, split: str):
     tokens, starts = corpus.stream(source, split), corpus.doc_starts[(source, split)]
-    ends = np.append(starts[1:], len(tokens))
-    n = len(starts)
+    return tokens, starts, np.append(starts[1:], len(tokens))
+
+
+def _choose_documents(n: int, frac: float, what: str, seed: int) -> np.ndarray:
     k = math.ceil(frac * n)
     if not 0 < k < n:
-        raise ValueError(f"{source}/{split}: {n} documents cannot be cut into {frac:.0%} and the rest")
+        raise ValueError(f"{what}: {n} documents cannot be cut into {frac:.0%} and the rest")
     chosen = np.zeros(n, dtype=bool)
-    chosen[np.random.default_rng(1).permutation(n)[:k]] = True
+    chosen[np.random.default_rng(seed).permutation(n)[:k]] = True
+    return chosen
 
-    def gather(mask):
-        return np.concatenate([tokens[s:e] for s, e, m in zip(starts, ends, mask) if m])
 
-    return gather(chosen), gather(~chosen)
+def _gather(tokens, starts, ends, mask):
+    return np.concatenate([tokens[s:e] for s, e, m in zip(starts, ends, mask) if m])
+
+
+def split_documents_of_stream(corpus: Corpus, source: str, split: str, frac: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Cut one token stream by whole documents: a fixed random ``frac`` of them, and the rest (both in order)."""
+    tokens, starts, ends = _document_spans(corpus, source, split)
+    chosen = _choose_documents(len(starts), frac, f"{source}/{split}", 1)
+    return _gather(tokens, starts, ends, chosen), _gather(tokens, starts, ends, ~chosen)
+
+
+def split_reference_slice(corpus: Corpus, source: str, frac: float, holdout_frac: float) -> Tuple[np.ndarray, np.ndarray]:
+    """The documents ``split_documents_of_stream(corpus, source, 'train', frac)`` chooses (the clean slice),
+    cut again by whole documents: the reference model's training tokens, and a fixed random
+    ``holdout_frac`` of them that it never trains on (calibration of its domain threshold)."""
+    tokens, starts, ends = _document_spans(corpus, source, "train")
+    chosen = _choose_documents(len(starts), frac, f"{source}/train", 1)
+    idx = np.flatnonzero(chosen)
+    held = np.zeros(len(starts), dtype=bool)
+    held[idx[_choose_documents(len(idx), holdout_frac, f"{source}/train clean slice", 2)]] = True
+    return _gather(tokens, starts, ends, chosen & ~held), _gather(tokens, starts, ends, held)
 
 
 def rows_from_tokens(tokens: np.ndarray, source_id: int, sources: List[str], row_len: int) -> RowSet:

@@ -38,7 +38,7 @@ from . import data as D
 from .configs import REGIMES, StepContext, get_config, router_depth
 from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
-from ..reference import domain_threshold
+from ..reference import domain_threshold, otsu_threshold
 
 
 @dataclasses.dataclass
@@ -69,6 +69,7 @@ class Settings:
     target_source: str = "python_doc"
     reference_preset: str = "tiny"
     reference_frac: float = 0.5
+    reference_holdout_frac: float = 0.1  # of the clean slice's documents: never trained on, calibrates the domain threshold
     untimed_warmup_steps: int = 2
     compile: Optional[str] = None  # a mode of models.COMPILE_MODES: every training of the bench (runs, stage 1, reference)
     out: str = "bench_out"
@@ -81,7 +82,8 @@ class Settings:
             for k in ("init_budget", "init_checkpoint", "finetune_source"):
                 fields.pop(k)
         if self.regime != "target":
-            for k in ("reference_budget", "reference_preset", "reference_frac", "target_source"):
+            for k in ("reference_budget", "reference_preset", "reference_frac", "reference_holdout_frac",
+                      "target_source"):
                 fields.pop(k)
         if not self.compile:
             fields.pop("compile")  # absent when off, so settings hashes from before the option still match
@@ -236,13 +238,15 @@ class Bench:
                              f"{(len(self.train_rows), self.s.seq_len)}")
         info["nll"] = torch.from_numpy(nll).to(self.device)
         info["row_nll"] = nll.mean(axis=1)
-        info["domain_filter"] = self._domain_filter_report(info["row_nll"])
+        info["thresholds"] = {"heldout": domain_threshold(info["heldout_row_nll"]),
+                              "otsu": otsu_threshold(info["row_nll"])}
+        info["domain_filter"] = {name: self._domain_filter_report(info["row_nll"], t)
+                                 for name, t in info["thresholds"].items()}
         return info
 
-    def _domain_filter_report(self, row_nll: np.ndarray) -> Dict:
-        """How well the label-free threshold of ``reference_filter`` separates the target domain in the pool
-        (the labels are read here for the report only; no configuration sees these numbers)."""
-        threshold = domain_threshold(row_nll)
+    def _domain_filter_report(self, row_nll: np.ndarray, threshold: float) -> Dict:
+        """How well a threshold of ``reference_filter`` separates the target domain in the pool (the labels
+        are read here for the report only; no configuration sees these numbers)."""
         below = row_nll <= threshold
         is_target = self.train_rows.source_ids == self.corpus.sources.index(self.s.target_source)
         hits = int((below & is_target).sum())
@@ -259,8 +263,14 @@ class Bench:
             nll = np.load(path)
         else:
             c, s = self.corpus, self.s
-            ref_tokens, _ = D.split_documents_of_stream(c, s.target_source, "train", s.reference_frac)
-            rows = D.rows_from_tokens(ref_tokens, c.sources.index(s.target_source), c.sources, self.row_len)
+            ref_tokens, held_tokens = D.split_reference_slice(c, s.target_source, s.reference_frac,
+                                                              s.reference_holdout_frac)
+            target_id = c.sources.index(s.target_source)
+            rows = D.rows_from_tokens(ref_tokens, target_id, c.sources, self.row_len)
+            held = D.rows_from_tokens(held_tokens, target_id, c.sources, self.row_len)
+            if len(held) == 0:
+                raise ValueError(f"--reference-holdout-frac {s.reference_holdout_frac}: the held-out documents of "
+                                 f"{s.target_source} make no full row of {self.row_len} tokens; raise it")
             model = build_preset(s.reference_preset, c.vocab_size, self.row_len, seed, c.eot_id).to(
                 self.device, self.weights_dtype)
             self.log(f"target: reference model ({s.reference_preset}) on {len(rows)} clean rows of {s.target_source}")
@@ -269,8 +279,10 @@ class Bench:
                            self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log,
                            compile_blocks=s.compile)
             nll = self._pool_nll(model)
+            held_nll = self._rows_nll(model, held.rows).mean(axis=1)
             info = {"preset": s.reference_preset, "rows": len(rows), "steps": result.steps, "tokens": result.tokens,
-                    "val": result.final_val, "pool_mean_nll": float(nll.mean())}
+                    "val": result.final_val, "pool_mean_nll": float(nll.mean()),
+                    "heldout_rows": len(held), "heldout_row_nll": [float(v) for v in held_nll]}
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(info_path + ".tmp", "w") as f:  # the info first: the .npy marks the pair complete
                 json.dump(info, f, indent=1)
@@ -279,12 +291,16 @@ class Bench:
             os.replace(path[:-4] + ".tmp.npy", path)
         return info, nll
 
-    @torch.no_grad()
     def _pool_nll(self, model) -> np.ndarray:
+        return self._rows_nll(model, self.train_rows.rows)
+
+    @torch.no_grad()
+    def _rows_nll(self, model, host_rows: np.ndarray) -> np.ndarray:
+        """[n, seq_len] per-token NLL of ``model`` over rows of ``seq_len + 1`` tokens (host in, host out)."""
         model.eval()
-        out = np.empty((len(self.train_rows), self.s.seq_len), dtype=np.float32)
-        for i in range(0, len(self.train_rows), self.s.eval_batch_size):
-            rows = torch.from_numpy(self.train_rows.rows[i:i + self.s.eval_batch_size]).to(self.device)
+        out = np.empty((len(host_rows), self.s.seq_len), dtype=np.float32)
+        for i in range(0, len(host_rows), self.s.eval_batch_size):
+            rows = torch.from_numpy(host_rows[i:i + self.s.eval_batch_size]).to(self.device)
             out[i:i + len(rows)] = token_nll(model, rows, self.autocast).cpu().numpy()
         return out
 
@@ -369,6 +385,7 @@ class Bench:
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]
             ctx.reference_row_nll = prep["reference"]["row_nll"]
+            ctx.reference_thresholds = prep["reference"]["thresholds"]
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
                        self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
@@ -393,5 +410,6 @@ class Bench:
         if "init" in prep:
             record["init_checkpoint"] = prep["init"]
         if "reference" in prep:
-            record["reference"] = {k: v for k, v in prep["reference"].items() if k not in ("nll", "row_nll")}
+            record["reference"] = {k: v for k, v in prep["reference"].items()
+                                   if k not in ("nll", "row_nll", "heldout_row_nll")}
         return record
