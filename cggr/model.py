@@ -237,6 +237,18 @@ def default_selection(scoring: str) -> str:
     return "hardest" if scoring == "excess_loss" else "random"
 
 
+def default_router(scoring: str):
+    """``(router_layers, router_token_stride)`` when they are left at None, from ``cggr bench``.
+
+    With a reference (``scoring='excess_loss'``): 1 block scoring every 8th position. In target-domain
+    training (BENCHMARKS.md, regime 3, CUDA-graphed loop) it closed 84 % of the random-to-oracle gap in
+    two runs on two machines; the 4-block router over every position closed 69-71 % in an earlier run of
+    the same loop: the excess ranking needs little depth, and every step pays for the router's time.
+    Otherwise 4 blocks over every position (the depth the router's raw difficulty was measured at).
+    """
+    return (1, 8) if scoring == "excess_loss" else (4, 1)
+
+
 def _shifted_targets(labels, attention_mask):
     """[B, T] targets (HF shift: position t predicts labels[t + 1]; the last position gets ignore_index)
     and which of them are scored: not ignore_index and, with a mask, both positions real tokens."""
@@ -283,11 +295,13 @@ class CGGRModel(nn.Module):
         importance_mix, importance_temperature: alpha in [0, 1] (0 = uniform rows) and the softmax
             temperature (> 0) of ``importance``; validated whatever the policy.
         dynamic_threshold, threshold_sensitivity: see "Row count" in the module docstring.
-        router_layers: router depth when ``router`` is None.
+        router_layers: router depth when ``router`` is None (None: ``default_router(scoring)``, 1 with
+            ``scoring='excess_loss'``, else 4).
         router_token_stride: score every ``router_token_stride``-th position only (positions ``s-1, 2s-1,
             ...``): the trunk still runs over the whole sequence (the attention context), but the LM head
             and the token statistics, the larger part of the router's cost, run on ``1/s`` of the tokens.
-            A row's difficulty is then the mean over its scored positions among those (1 = every token).
+            A row's difficulty is then the mean over its scored positions among those (1 = every token;
+            None: ``default_router(scoring)``, 8 with ``scoring='excess_loss'``, else 1).
         reference_threshold: with ``selection='reference_filter'`` (and only then; required): rows whose mean
             ``reference_nll`` over their scored targets is at most this many nats are the reference's domain
             and are taken first, in random order; random rows of the rest fill up to k. No router pass:
@@ -312,13 +326,14 @@ class CGGRModel(nn.Module):
 
     def __init__(self, model: nn.Module, router: Optional[TruncatedRouter] = None, min_tokens_ratio: float = 0.25,
                  warmup_steps: int = 1000, scoring: str = "loss", selection: str = "auto",
-                 dynamic_threshold: bool = False, threshold_sensitivity: float = 0.5, router_layers: int = 4,
+                 dynamic_threshold: bool = False, threshold_sensitivity: float = 0.5,
+                 router_layers: Optional[int] = None,
                  schedule: str = "linear", combined_weights: Optional[Mapping[str, float]] = None,
                  router_chunk_size: Optional[int] = None, seed: int = 0,
                  compile: Union[bool, str] = False, compile_options: Optional[dict] = None,
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
                  loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
-                 importance_temperature: float = 1.0, router_token_stride: int = 1,
+                 importance_temperature: float = 1.0, router_token_stride: Optional[int] = None,
                  reference_threshold: Optional[float] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -370,8 +385,11 @@ class CGGRModel(nn.Module):
             select = functools.partial(select, threshold=self.reference_threshold)
         self._select = select
         self.router_chunk_size = router_chunk_size
+        auto_layers, auto_stride = default_router(self.scoring)
+        router_layers = auto_layers if router_layers is None else router_layers
+        router_token_stride = auto_stride if router_token_stride is None else router_token_stride
         if isinstance(router_token_stride, bool) or not isinstance(router_token_stride, int) or router_token_stride < 1:
-            raise ValueError(f"router_token_stride must be an int >= 1, got {router_token_stride!r}")
+            raise ValueError(f"router_token_stride must be None or an int >= 1, got {router_token_stride!r}")
         self.router_token_stride = router_token_stride
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)

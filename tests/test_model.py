@@ -364,7 +364,7 @@ def test_router_token_stride_scores_exactly_the_strided_positions(stride, scorin
     # position t predicts labels[t + 1]: keep the targets of the strided predicting positions only
     kept_targets[:, 1:][:, (positions[:-1] % stride) != stride - 1] = -100
     strided = CGGRModel(model, selection="hardest", router_layers=1, scoring=scoring, router_token_stride=stride)
-    dense = CGGRModel(model, selection="hardest", router_layers=1, scoring=scoring)
+    dense = CGGRModel(model, selection="hardest", router_layers=1, scoring=scoring, router_token_stride=1)
     rows_strided, _ = strided._score_rows(ids, labels, None, {}, reference)
     rows_dense, _ = dense._score_rows(ids, kept_targets, None, {}, reference)
     assert torch.isfinite(rows_strided).all()
@@ -373,8 +373,20 @@ def test_router_token_stride_scores_exactly_the_strided_positions(stride, scorin
 
 @pytest.mark.parametrize("stride", [0, -1, 1.5, True, "2"])
 def test_router_token_stride_must_be_a_positive_int(stride):
-    with pytest.raises(ValueError, match=r"router_token_stride must be an int >= 1, got"):
+    with pytest.raises(ValueError, match=r"router_token_stride must be None or an int >= 1, got"):
         CGGRModel(tiny_model("llama"), selection="hardest", router_layers=1, router_token_stride=stride)
+
+
+@pytest.mark.parametrize("scoring,layers,stride", [("excess_loss", 1, 8), ("loss", 4, 1), ("entropy", 4, 1)])
+def test_router_defaults_follow_the_scoring(scoring, layers, stride):
+    from cggr.model import default_router
+
+    assert default_router(scoring) == (layers, stride)
+    model = tiny_model("llama", layers=6)
+    m = CGGRModel(model, selection="hardest", scoring=scoring)
+    assert m.router.num_layers == layers and m.router_token_stride == stride
+    explicit = CGGRModel(model, selection="hardest", scoring=scoring, router_layers=2, router_token_stride=3)
+    assert explicit.router.num_layers == 2 and explicit.router_token_stride == 3
 
 
 # -- bad input -----------------------------------------------------------------------------------
