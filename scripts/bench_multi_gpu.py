@@ -10,7 +10,9 @@ them, so the first job of a seed trains them and the others wait for it.
 Every configuration keeps its own GPU for the whole run, so its clock is its own; the GPUs must be of
 one model (the script records `nvidia-smi` names in ROOT/gpus.txt).
 
-At the end, runs of one regime are merged into ROOT/merged/REGIME (`cggr bench --report-only`).
+At the end, runs of one regime are merged into ROOT/merged/REGIME (`cggr bench --report-only`). Queues that
+run side by side on one machine pass `--no-merge`, and one `--merge-only` call over all their jobs files
+merges once after them (each merge replaces the folder).
 
     python scripts/bench_multi_gpu.py --gpus 0 1 2 3 --root /tmp/runs --jobs jobs.txt --wall 560 -- \
         --corpus TOK.npz --model-preset smollm-135m ...
@@ -53,15 +55,27 @@ def main(argv=None):
     common = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpus", nargs="+", required=True, help="GPU indices, one worker each")
+    p.add_argument("--gpus", nargs="+", help="GPU indices, one worker each")
     p.add_argument("--root", required=True)
-    p.add_argument("--jobs", required=True, help="jobs file: NAME ARGS... per line, # comments")
-    p.add_argument("--wall", type=float, required=True,
+    p.add_argument("--jobs", nargs="+", required=True, help="jobs files: NAME ARGS... per line, # comments")
+    p.add_argument("--wall", type=float,
                    help="seconds from now: no job starts a run that would end later (the bench's --max-wall)")
     p.add_argument("--python", default=sys.executable)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--no-merge", action="store_true",
+                      help="run the jobs only (another invocation with --merge-only merges several queues once)")
+    mode.add_argument("--merge-only", action="store_true", help="merge the jobs' finished runs, run nothing")
     a = p.parse_args(own)
+    jobs = [job for path in a.jobs for job in parse_jobs(path)]
+    names = [n for n, _ in jobs]
+    if len(set(names)) != len(names):
+        p.error(f"job names must be unique across {a.jobs}")
+    if a.merge_only:
+        merge(a, jobs)
+        return 0
+    if not a.gpus or a.wall is None:
+        p.error("--gpus and --wall are required unless --merge-only")
     deadline = time.monotonic() + a.wall
-    jobs = parse_jobs(a.jobs)
     os.makedirs(os.path.join(a.root, "logs"), exist_ok=True)
     if shutil.which("nvidia-smi"):
         with open(os.path.join(a.root, "gpus.txt"), "w") as f:
@@ -102,6 +116,15 @@ def main(argv=None):
     for t in threads:
         t.join()
 
+    if not a.no_merge:
+        merge(a, jobs)
+    for name, _ in jobs:
+        print(f"{name}: {results.get(name, 'not started')}")
+    return 0 if all(" exit 0 " in results.get(n, "") for n, _ in jobs) else 1
+
+
+def merge(a, jobs):
+    """ROOT/merged/REGIME: every finished run of these jobs, one report per regime (replaced each time)."""
     for regime in sorted({regime_of(args) for _, args in jobs}):
         merged = os.path.join(a.root, "merged", regime)
         shutil.rmtree(merged, ignore_errors=True)
@@ -113,9 +136,6 @@ def main(argv=None):
         if files:
             rc = subprocess.run([a.python, "-m", "cggr", "bench", "--report-only", "--out", merged]).returncode
             print(f"merged {regime}: {len(files)} runs, report exit {rc}", flush=True)
-    for name, _ in jobs:
-        print(f"{name}: {results.get(name, 'not started')}")
-    return 0 if all(" exit 0 " in results.get(n, "") for n, _ in jobs) else 1
 
 
 if __name__ == "__main__":

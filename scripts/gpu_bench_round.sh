@@ -35,10 +35,11 @@ if [ "$mode" = tests ]; then
       PYTHONPATH=/tmp/cggr_site $py -m benchmarks.bench_selective_ce --out "$ROOT" > "$ROOT/bench_selective_ce.log" 2>&1
     fi
     rest=$(( left - ($(date +%s) - start) ))
-    [ $rest -gt 120 ] && $py scripts/bench_multi_gpu.py --gpus 0 --root "$ROOT" --jobs "$2" --wall $rest -- $COMMON \
-      > "$ROOT/queue_gpu0.log" 2>&1 ) &
-  $py scripts/bench_multi_gpu.py --gpus 1 2 3 --root "$ROOT" --jobs "$1" --wall $left -- $COMMON
+    [ $rest -gt 120 ] && $py scripts/bench_multi_gpu.py --gpus 0 --root "$ROOT" --jobs "$2" --wall $rest --no-merge \
+      -- $COMMON > "$ROOT/queue_gpu0.log" 2>&1 ) &
+  $py scripts/bench_multi_gpu.py --gpus 1 2 3 --root "$ROOT" --jobs "$1" --wall $left --no-merge -- $COMMON
   wait
+  $py scripts/bench_multi_gpu.py --root "$ROOT" --jobs "$1" "$2" --merge-only  # once, after both queues
   cat "$ROOT/tests.txt"; grep -E "^(FAILED|ERROR)" "$ROOT/pytest.log" | head -30; tail -5 "$ROOT/queue_gpu0.log"
 else
   cat "$@" > "$ROOT/all_jobs.txt"

@@ -122,6 +122,18 @@ def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     assert len(references) == 1  # one reference model for the seed, trained once under the lock
     logs = "".join((root / "logs" / f"{n}.log").read_text() for n in "ab")
     assert logs.count("target: reference model") == 1 and "reference NLL" in logs
+    # --merge-only over two jobs files (the queues of scripts/gpu_bench_round.sh's tests mode) merges both
+    other = tmp_path / "other.txt"
+    other.write_text("c --regime target --seeds 3 --configs standard\n")  # never ran: nothing to merge
+    merge = [sys.executable, os.path.join(ROOT, "scripts", "bench_multi_gpu.py"), "--root", str(root),
+             "--jobs", str(jobs), str(other), "--merge-only"]
+    (merged / "summary.md").unlink()
+    done = subprocess.run(merge, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(merged / "runs")) == runs and (merged / "summary.md").exists()
+    other.write_text("a --regime target\n")
+    done = subprocess.run(merge, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "job names must be unique" in done.stderr
     share = json.load(open(merged / "runs" / runs[0]))["train_source_share"]
     assert set(share) == {"fortunes", "python_doc", "shakespeare", "wordnet_glosses"}
     assert sum(share.values()) == pytest.approx(1.0)
