@@ -1,10 +1,11 @@
 """Where a `cggr bench` training step spends its time: each phase of the loop bracketed by device syncs.
 
-    python -m benchmarks.bench_loop_phases [--configs standard random cggr_hardest] [--compile none blocks blocks-cudagraphs]
+    python -m benchmarks.bench_loop_phases [--configs standard random cggr_hardest excess_lean ...]
+        [--compile none blocks blocks-cudagraphs]
         [--dtype bf16 bf16-weights] [--steps 20] [--out DIR]
 
 For each (configuration, compile, dtype): SmolLM-135M shape from config, random tokens (timing does not
-depend on the text), the bench's own step objects, optimizer and clipping (cggr.bench.train), then
+depend on the text; the target-regime configurations get a random reference NLL), the bench's own step objects, optimizer and clipping (cggr.bench.train), then
 ``--steps`` steps in which the batch copy, the loss (forward), backward, gradient clipping and the
 optimizer step + zero_grad are each timed twice: host time to issue the phase, and wall time to its
 end on the device (a sync after each phase). The syncs serialise the step, so the phase sum exceeds a
@@ -34,12 +35,28 @@ def sync(device):
 PHASES = ("batch", "loss", "backward", "clip", "optimizer")
 
 
+def target_context(ctx, rows, seq_len, device, rng):
+    """What the target-regime configurations read (excess*, oracle, reference_filter*): source 0 is the
+    target, a random reference NLL per token in [2, 8), and both domain thresholds at the median row mean
+    (half the rows pass), so their selection work is timed as in a real run."""
+    token_nll = rng.uniform(2.0, 8.0, (len(rows), seq_len)).astype(np.float32)
+    row_nll = token_nll.mean(axis=1)
+    threshold = float(np.median(row_nll))
+    ctx.target_source_id = 0
+    ctx.reference_token_nll = torch.from_numpy(token_nll).to(device)
+    ctx.reference_row_nll = row_nll
+    ctx.reference_thresholds = {"heldout": threshold, "otsu": threshold}
+    ctx.num_sources, ctx.num_train_rows = 2, len(rows)
+    return ctx
+
+
 def run(config, compile_mode, dtype, args, device):
     model = build_preset(args.preset, 50257, args.seq_len + 1, 0, 50256).to(device, weights_dtype(dtype)).train()
     rng = np.random.default_rng(0)
-    rows = RowSet(rng.integers(0, 50257, (args.batch_size * 8, args.seq_len + 1)), np.zeros(args.batch_size * 8, np.int64),
-                  ["random"])
-    ctx = StepContext(seed=0, router_layers=min(4, model.config.num_hidden_layers - 1))
+    n_rows = args.batch_size * 8
+    rows = RowSet(rng.integers(0, 50257, (n_rows, args.seq_len + 1)), rng.integers(0, 2, n_rows), ["target", "other"])
+    ctx = target_context(StepContext(seed=0, router_layers=min(4, model.config.num_hidden_layers - 1)), rows,
+                         args.seq_len, device, rng)
     build = get_config(config).build
     autocast = autocast_for(device, dtype)
     if compile_mode != "none":
