@@ -97,7 +97,7 @@ class RowPolicy(NamedTuple):
     select: Callable[[Optional[torch.Tensor], int, torch.Generator], RowSelection]
     needs_scores: bool
     loss_norm: str = "selected"
-    # True: ``select`` gets each row's mean reference NLL (``_reference_row_means``; lower = closer to the
+    # True: ``select`` gets each row's mean reference NLL (``reference_row_means``; lower = closer to the
     # reference's own data) instead of router scores, and no router pass runs for it.
     reference_rows: bool = False
 
@@ -260,7 +260,7 @@ def _shifted_targets(labels, attention_mask):
     return targets, valid
 
 
-def _reference_row_means(reference_nll, labels, attention_mask):
+def reference_row_means(reference_nll, labels, attention_mask):
     """[B] float32 mean of ``reference_nll`` ([B, T-1]) over each row's scored targets; NaN for a row with
     none (so it never passes a threshold). Device-side, no sync."""
     _, valid = _shifted_targets(labels, attention_mask)
@@ -538,7 +538,7 @@ class CGGRModel(nn.Module):
             if k < B:
                 generator = self._generator(input_ids.device)
                 if self.policy.reference_rows:
-                    policy_input = _reference_row_means(reference_nll, labels, attention_mask)
+                    policy_input = reference_row_means(reference_nll, labels, attention_mask)
                 else:
                     policy_input = row_scores if self.policy.needs_scores else B
                 selection = self._select(policy_input, k, generator)

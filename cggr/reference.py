@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import IGNORE_INDEX
+from .model import IGNORE_INDEX, reference_row_means
 
 LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
 
@@ -96,6 +96,13 @@ class ReferenceModel:
             nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), chunk_targets, reduction="none")
             out[rows] = torch.where(keep, nll, torch.zeros_like(nll))
         return out
+
+    def row_nll(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B] float32 mean NLL over each row's scored targets (the row value ``reference_filter`` compares
+        with its threshold, and what ``domain_threshold`` takes on held-out rows); NaN for a row with none."""
+        return reference_row_means(self(input_ids, labels, attention_mask),
+                                    input_ids if labels is None else labels, attention_mask)
 
     def _vocab_size(self) -> int:
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None

@@ -267,12 +267,12 @@ def reference_row_means_float64(reference, labels, mask):
 
 
 def test_reference_row_means_match_float64():
-    from cggr.model import _reference_row_means
+    from cggr.model import reference_row_means
 
     ids, labels, mask = padded_batch()
     for seed in range(3):
         reference = torch.rand(B, T - 1, generator=torch.Generator().manual_seed(seed)) * 8
-        got = _reference_row_means(reference, labels, mask)
+        got = reference_row_means(reference, labels, mask)
         want = reference_row_means_float64(reference, labels, mask)
         assert got.dtype == torch.float32 and torch.isnan(got[5]) and torch.isnan(want[5])
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -249,3 +249,23 @@ def test_domain_threshold_bad_input():
         domain_threshold(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="heldout_row_nll: 1 of 2 values are not finite"):
         domain_threshold([1.0, float("inf")])
+
+
+def test_reference_model_row_nll_is_the_mean_over_scored_targets():
+    model = tiny_model("llama")
+    ids, labels, mask = _batch()
+    labels[1, 1:] = -100  # row 1: nothing scored
+    expected = _nll_float64(model, ids, labels, mask)
+    valid = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    got = ReferenceModel(model).row_nll(ids, labels, mask)
+    assert got.dtype == torch.float32 and got.shape == (5,) and torch.isnan(got[1])
+    for i in (0, 2, 3, 4):
+        assert got[i].item() == pytest.approx(expected[i][valid[i]].mean().item(), rel=1e-5)
+    # the value CGGRModel(selection='reference_filter') compares with its threshold, for the same rows
+    finite = torch.where(torch.isnan(got), math.inf, got)
+    lowest = int(torch.argmin(finite))
+    m = CGGRModel(model, min_tokens_ratio=0.2, warmup_steps=0, selection="reference_filter",
+                  reference_threshold=float(finite[lowest]))  # only the lowest row passes; k = 1
+    with torch.no_grad():
+        m(ids, labels=labels, attention_mask=mask, reference_nll=ReferenceModel(model)(ids, labels, mask))
+    assert m._last["rows"].tolist() == [lowest]

@@ -88,7 +88,7 @@ def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
 
 
 def test_reference_filter_selection_does_not_sync():
-    from cggr.model import _reference_row_means
+    from cggr.model import reference_row_means
 
     model = llama()
     cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="reference_filter",
@@ -97,7 +97,7 @@ def test_reference_filter_selection_does_not_sync():
     reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device=ids.device)
     cggr(ids, labels=labels, reference_nll=reference)  # lazy initialisation may synchronise
     with no_sync():
-        rows = cggr._select(_reference_row_means(reference, labels, None), 4, cggr._generator(ids.device)).indices
+        rows = cggr._select(reference_row_means(reference, labels, None), 4, cggr._generator(ids.device)).indices
     rows, in_domain = set(rows.tolist()), set((reference.mean(1) <= 2.5).nonzero().flatten().tolist())
     assert len(rows) == 4 and (rows <= in_domain if len(in_domain) >= 4 else in_domain <= rows)
 
