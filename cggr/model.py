@@ -302,6 +302,10 @@ class CGGRModel(nn.Module):
             and the token statistics, the larger part of the router's cost, run on ``1/s`` of the tokens.
             A row's difficulty is then the mean over its scored positions among those (1 = every token;
             None: ``default_router(scoring)``, 8 with ``scoring='excess_loss'``, else 1).
+        router_max_positions: score only the first P positions of each row (None: all). The router's
+            trunk then runs on those P positions alone, which for these causal models gives exactly the
+            states of a full-length run there, at about P/T of the cost; a row's difficulty is the mean
+            over its scored positions among them (combined with ``router_token_stride``: every s-th of them).
         reference_threshold: with ``selection='reference_filter'`` (and only then; required): rows whose mean
             ``reference_nll`` over their scored targets is at most this many nats are the reference's domain
             and are taken first, in random order; random rows of the rest fill up to k. No router pass:
@@ -334,7 +338,7 @@ class CGGRModel(nn.Module):
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
                  loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
                  importance_temperature: float = 1.0, router_token_stride: Optional[int] = None,
-                 reference_threshold: Optional[float] = None):
+                 reference_threshold: Optional[float] = None, router_max_positions: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -391,6 +395,10 @@ class CGGRModel(nn.Module):
         if isinstance(router_token_stride, bool) or not isinstance(router_token_stride, int) or router_token_stride < 1:
             raise ValueError(f"router_token_stride must be None or an int >= 1, got {router_token_stride!r}")
         self.router_token_stride = router_token_stride
+        if router_max_positions is not None and (isinstance(router_max_positions, bool)
+                                                 or not isinstance(router_max_positions, int) or router_max_positions < 1):
+            raise ValueError(f"router_max_positions must be None or an int >= 1, got {router_max_positions!r}")
+        self.router_max_positions = router_max_positions
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)
         self.compile_scope = compile
@@ -607,21 +615,28 @@ class CGGRModel(nn.Module):
             raise ValueError(f"selection={self.selection!r} with dynamic_threshold=True needs a router "
                              "(the batch confidence comes from it)")
         B, T = input_ids.shape
+        # Causal attention: the hidden state at position t depends on tokens <= t only, so running the trunk on
+        # the first P positions gives exactly the full run's states there (a cost in proportion to P).
+        P = T if self.router_max_positions is None else min(T, self.router_max_positions)
+
+        def prefix(t):
+            return t[..., :P] if isinstance(t, torch.Tensor) and P < T else t
+
         with torch.no_grad():
             with router.scoring_mode():
-                hidden = self._trunk_fn(input_ids, attention_mask, kwargs.get("position_ids"),
-                                        kwargs.get("token_type_ids"))
+                hidden = self._trunk_fn(prefix(input_ids), prefix(attention_mask), prefix(kwargs.get("position_ids")),
+                                        prefix(kwargs.get("token_type_ids")))
             weight, bias = router.head_params()
             if weight.dtype != hidden.dtype:
                 # Under autocast the trunk ends in the autocast dtype while the head weight stays fp32; the
                 # model's own LM head would run in the autocast dtype too, so the scoring matmul does.
                 weight = weight.to(hidden.dtype)
                 bias = bias.to(hidden.dtype) if bias is not None else None
-            targets, valid = _shifted_targets(labels, attention_mask)
+            targets, valid = (t[:, :P] for t in _shifted_targets(labels, attention_mask))  # position P-1 keeps its target
             targets = torch.where(valid, targets, torch.full_like(targets, IGNORE_INDEX))
             ref = None
             if reference_nll is not None:  # shape checked in forward
-                ref = nn.functional.pad(reference_nll.to(torch.float32), (0, 1))
+                ref = nn.functional.pad(reference_nll.to(torch.float32), (0, 1))[:, :P]
             stride = self.router_token_stride
             if stride > 1:  # the scored positions only: s-1, 2s-1, ... (hidden is copied, 1/s of it)
                 hidden, targets, valid = (t[:, stride - 1::stride] for t in (hidden, targets, valid))

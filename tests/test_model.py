@@ -377,6 +377,40 @@ def test_router_token_stride_must_be_a_positive_int(stride):
         CGGRModel(tiny_model("llama"), selection="hardest", router_layers=1, router_token_stride=stride)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("max_positions,stride", [(5, 1), (8, 3), (13, 2), (40, 1)])
+def test_router_max_positions_scores_exactly_the_prefix(family, max_positions, stride):
+    """The trunk on the first P positions == the full-length router with every target from P on ignored
+    (causal attention), with right padding and a stride on top; P >= T is the full row."""
+    torch.manual_seed(max_positions)
+    model = tiny_model(family)
+    ids, labels = batch(B=5, T=13, seed=max_positions)
+    mask = torch.ones_like(ids)
+    mask[3, 9:] = 0
+    labels = labels.masked_fill(mask == 0, -100)
+    reference = torch.randn(5, 12)
+    kept = labels.clone()
+    kept[:, 1:][:, torch.arange(12) >= max_positions] = -100   # position t (< P) keeps target t + 1
+    short = CGGRModel(model, selection="hardest", router_layers=1, scoring="excess_loss",
+                      router_token_stride=stride, router_max_positions=max_positions)
+    full = CGGRModel(model, selection="hardest", router_layers=1, scoring="excess_loss", router_token_stride=stride)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    rows_short, _ = short._score_rows(ids, labels, mask, {}, reference)
+    hook.remove()
+    assert seen == [min(13, max_positions)]  # the trunk ran on the prefix only
+    rows_full, _ = full._score_rows(ids, kept, mask, {}, reference)
+    assert torch.isfinite(rows_short).all()
+    torch.testing.assert_close(rows_short, rows_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short.router_row_nll, full.router_row_nll, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])
+def test_router_max_positions_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match=r"router_max_positions must be None or an int >= 1, got"):
+        CGGRModel(tiny_model("llama"), selection="hardest", router_layers=1, router_max_positions=bad)
+
+
 @pytest.mark.parametrize("scoring,layers,stride", [("excess_loss", 1, 8), ("loss", 4, 1), ("entropy", 4, 1)])
 def test_router_defaults_follow_the_scoring(scoring, layers, stride):
     from cggr.model import default_router

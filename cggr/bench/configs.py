@@ -232,16 +232,17 @@ def build_oracle(model, ratio, ctx):
 
 
 def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_layers: Optional[int] = None,
-                       router_token_stride: int = 1):
+                       router_token_stride: int = 1, router_max_positions: Optional[int] = None):
     """``max_router_layers``: a shallower router than ``--router-layers`` for this configuration alone;
-    ``router_token_stride``: CGGRModel's (the router scores every s-th position)."""
+    ``router_token_stride``, ``router_max_positions``: CGGRModel's (the router scores every s-th position,
+    of the first P only)."""
     def build(model, ratio, ctx):
         from cggr.model import CGGRModel
 
         kwargs = {} if scoring is None else {"scoring": scoring}
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection=policy,
                       router_layers=router_depth(ctx, max_router_layers), router_token_stride=router_token_stride,
-                      seed=ctx.seed, **kwargs)
+                      router_max_positions=router_max_positions, seed=ctx.seed, **kwargs)
         return CGGRModelStep(m, ctx.reference_token_nll if scoring == "excess_loss" else None)
     return build
 
@@ -299,9 +300,10 @@ class Config:
 _ALL = REGIMES
 
 
-def _excess_variant(max_router_layers: int, router_token_stride: int, doc: str) -> Config:
+def _excess_variant(max_router_layers: int, router_token_stride: int, doc: str,
+                    router_max_positions: Optional[int] = None) -> Config:
     """``excess`` with a cheaper router; the depth is recorded in the run files from the same number."""
-    build = cggr_model_builder("hardest", "excess_loss", max_router_layers, router_token_stride)
+    build = cggr_model_builder("hardest", "excess_loss", max_router_layers, router_token_stride, router_max_positions)
     return Config(_require_reference(build), True, ("target",), doc, max_router_layers)
 
 
@@ -322,6 +324,8 @@ CONFIGS: Dict[str, Config] = {
     "excess_router2": _excess_variant(2, 1, "excess with a 2-block router (half the router's blocks)"),
     "excess_fast": _excess_variant(2, 4, "excess with a 2-block router scoring every 4th position"),
     "excess_lean": _excess_variant(1, 8, "excess with a 1-block router scoring every 8th position"),
+    "excess_short": _excess_variant(1, 8, "excess_lean on the first 256 positions of each row only (the trunk "
+                                          "runs on them alone: a quarter of its cost at seq 1024)", 256),
     "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
     "reference_stratified": Config(build_reference_stratified, True, ("target",),
