@@ -67,13 +67,20 @@ IGNORE_INDEX = -100  # Hugging Face causal LMs hard-code it in their loss
 # default (~384 rows there, sized to keep peak memory with gradients low) meant ~86 launches of each
 # scoring kernel per step at 32 x 1024 tokens; the router keeps no activations, so it can afford more.
 ROUTER_CHUNK_BYTES = 512 << 20
+STEP_KEY = "cggr_step"
+COMPILE_SCOPES = ("router", "model", "all")
+LOSS_IMPLS = ("model", "fused")
 
 
 def _router_chunk_rows(n_tokens: int, vocab_size: int, itemsize: int) -> int:
     return max(1, min(n_tokens, ROUTER_CHUNK_BYTES // max(1, vocab_size * itemsize)))
-STEP_KEY = "cggr_step"
-COMPILE_SCOPES = ("router", "model", "all")
-LOSS_IMPLS = ("model", "fused")
+
+
+def check_optional_positive_int(name: str, value):
+    """``value`` must be None or an int >= 1 (not a bool); returned unchanged."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+    return value
 
 
 class RowSelection(NamedTuple):
@@ -241,7 +248,7 @@ def default_router(scoring: str):
     """``(router_layers, router_token_stride)`` when they are left at None, from ``cggr bench``.
 
     With a reference (``scoring='excess_loss'``): 1 block scoring every 8th position. In target-domain
-    training (BENCHMARKS.md, regime 3, CUDA-graphed loop) it closed 84 % of the random-to-oracle gap in
+    training (BENCHMARKS.md, regime 3, CUDA-graphed loop) it closed 83-84 % of the random-to-oracle gap in
     two runs on two machines; the 4-block router over every position closed 69-71 % in an earlier run of
     the same loop: the excess ranking needs little depth, and every step pays for the router's time.
     Otherwise 4 blocks over every position (the depth the router's raw difficulty was measured at).
@@ -249,22 +256,26 @@ def default_router(scoring: str):
     return (1, 8) if scoring == "excess_loss" else (4, 1)
 
 
-def _shifted_targets(labels, attention_mask):
-    """[B, T] targets (HF shift: position t predicts labels[t + 1]; the last position gets ignore_index)
-    and which of them are scored: not ignore_index and, with a mask, both positions real tokens."""
-    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    valid = targets != IGNORE_INDEX
+def scored_targets(labels, attention_mask):
+    """[B, T-1] bool: which shifted targets (position t predicts ``labels[t + 1]``, as HF shifts them) are
+    scored: not ignore_index and, with a mask, both the predicting and the target position real tokens."""
+    valid = labels[:, 1:] != IGNORE_INDEX
     if attention_mask is not None:
         real = attention_mask.bool()
-        valid = valid & real & nn.functional.pad(real[:, 1:], (0, 1), value=False)
-    return targets, valid
+        valid = valid & real[:, :-1] & real[:, 1:]
+    return valid
+
+
+def _shifted_targets(labels, attention_mask):
+    """[B, T] targets and ``scored_targets``, padded at the last position (ignore_index / not scored)."""
+    targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return targets, nn.functional.pad(scored_targets(labels, attention_mask), (0, 1), value=False)
 
 
 def reference_row_means(reference_nll, labels, attention_mask):
     """[B] float32 mean of ``reference_nll`` ([B, T-1]) over each row's scored targets; NaN for a row with
     none (so it never passes a threshold). Device-side, no sync."""
-    _, valid = _shifted_targets(labels, attention_mask)
-    valid = valid[:, :-1]
+    valid = scored_targets(labels, attention_mask)
     ref = torch.where(valid, reference_nll.to(labels.device, torch.float32), 0.0)
     n = valid.sum(1)
     return torch.where(n > 0, ref.sum(1) / n.clamp_min(1).to(torch.float32), math.nan)
@@ -392,13 +403,8 @@ class CGGRModel(nn.Module):
         auto_layers, auto_stride = default_router(self.scoring)
         router_layers = auto_layers if router_layers is None else router_layers
         router_token_stride = auto_stride if router_token_stride is None else router_token_stride
-        if isinstance(router_token_stride, bool) or not isinstance(router_token_stride, int) or router_token_stride < 1:
-            raise ValueError(f"router_token_stride must be None or an int >= 1, got {router_token_stride!r}")
-        self.router_token_stride = router_token_stride
-        if router_max_positions is not None and (isinstance(router_max_positions, bool)
-                                                 or not isinstance(router_max_positions, int) or router_max_positions < 1):
-            raise ValueError(f"router_max_positions must be None or an int >= 1, got {router_max_positions!r}")
-        self.router_max_positions = router_max_positions
+        self.router_token_stride = check_optional_positive_int("router_token_stride", router_token_stride)
+        self.router_max_positions = check_optional_positive_int("router_max_positions", router_max_positions)
         self.seed = int(seed)
         self.collect_timing = bool(collect_timing)
         self.compile_scope = compile

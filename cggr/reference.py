@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import IGNORE_INDEX, reference_row_means
+from .model import check_optional_positive_int, reference_row_means, scored_targets
 
 LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
 
@@ -63,11 +63,8 @@ class ReferenceModel:
     def __init__(self, model: nn.Module, rows_per_chunk: Optional[int] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module (a causal LM), got {type(model).__name__}")
-        if rows_per_chunk is not None and (isinstance(rows_per_chunk, bool) or not isinstance(rows_per_chunk, int)
-                                           or rows_per_chunk < 1):
-            raise ValueError(f"rows_per_chunk must be None or an int >= 1, got {rows_per_chunk!r}")
+        self.rows_per_chunk = check_optional_positive_int("rows_per_chunk", rows_per_chunk)
         self.model = model.eval().requires_grad_(False)
-        self.rows_per_chunk = rows_per_chunk
 
     @classmethod
     def frozen_copy(cls, model: nn.Module, rows_per_chunk: Optional[int] = None) -> "ReferenceModel":
@@ -81,10 +78,7 @@ class ReferenceModel:
         labels = input_ids if labels is None else labels
         B, T = input_ids.shape
         targets = labels[:, 1:]
-        valid = targets != IGNORE_INDEX
-        if attention_mask is not None:
-            real = attention_mask.bool()
-            valid = valid & real[:, :-1] & real[:, 1:]
+        valid = scored_targets(labels, attention_mask)
         out = torch.zeros(B, T - 1, dtype=torch.float32, device=input_ids.device)
         step = self.rows_per_chunk or max(1, LOGITS_CHUNK_BYTES // (T * self._vocab_size() * 4))
         for start in range(0, B, step):

@@ -178,8 +178,9 @@ def running_baseline_builder(per: str):
         if num_keys < 1:
             raise ValueError(f"a running per-{per} baseline needs the number of keys in the context "
                              f"(num_sources / num_train_rows), got {num_keys}")
+        # the router as in every other bench configuration: --router-layers deep, every position scored
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection="hardest",
-                      router_layers=ctx.router_layers, seed=ctx.seed, scoring="excess_loss")
+                      router_layers=ctx.router_layers, router_token_stride=1, seed=ctx.seed, scoring="excess_loss")
         device = next(model.parameters()).device
         return RunningBaselineStep(m, RunningBaseline(num_keys, momentum=0.9, device=device), key)
     return build
