@@ -730,6 +730,12 @@ class CGGRModel(nn.Module):
         return gen
 
     @property
+    def selected_rows(self) -> Optional[torch.Tensor]:
+        """[k] int64 (device) batch positions the last forward with labels trained on, in ascending order
+        (repeats possible with ``selection='importance'``), or None when it kept every row."""
+        return None if self._last is None else self._last["rows"]
+
+    @property
     def router_row_nll(self) -> Optional[torch.Tensor]:
         """[B] float32 (device) mean NLL of each row's scored tokens under the router in the last forward
         with labels (NaN for a row with nothing scored), or None when that forward ran no router pass

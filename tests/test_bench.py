@@ -136,6 +136,24 @@ def test_bpe_tokenizer_folder(tmp_path):
 
 
 # -- reports --------------------------------------------------------------------------------------
+def test_trained_row_sources_counts_every_kind_of_selection():
+    from cggr.bench.configs import Batch
+    from cggr.bench.train import TrainedRowSources
+
+    sources = ["a", "b", "c"]
+    rows = D.RowSet(np.zeros((6, 3), dtype=np.int64), np.array([0, 1, 1, 2, 2, 2]), sources)
+    counter = TrainedRowSources(rows, "cpu")
+
+    def batch(idx):
+        idx = np.asarray(idx)
+        return Batch(torch.zeros(len(idx), 3, dtype=torch.int64), torch.from_numpy(idx), rows.source_ids[idx], idx)
+
+    counter.add(batch([0, 3, 4]), None)                     # every row: a, c, c
+    counter.add(batch([1, 5, 2]), np.array([0, 2]))         # host positions: b, b
+    counter.add(batch([5, 0, 1]), torch.tensor([1, 1, 2]))  # device positions, a repeat: a, a, b
+    assert counter.share() == {"a": 3 / 8, "b": 3 / 8, "c": 2 / 8}
+
+
 def test_time_to_reach_interpolates_between_evaluations():
     curve = [{"time": 0.0, "tokens": 0, "val": {"a": 4.0}}, {"time": 10.0, "tokens": 100, "val": {"a": 3.0}},
              {"time": 20.0, "tokens": 200, "val": {"a": 2.0}}]
@@ -186,10 +204,27 @@ def test_every_configuration_of_every_regime_ran(bench_out, cache_dir):
     assert target["primary"] == "python_doc" and target["reference"]["preset"] == "tiny"
     ref = target["reference"]
     assert ref["heldout_rows"] >= 1 and "heldout_row_nll" not in ref  # the values stay in the cache
-    assert set(ref["thresholds"]) == set(ref["domain_filter"]) == {"heldout", "otsu"}
+    assert set(ref["thresholds"]) == set(ref["domain_filter"]) == {"heldout", "heldout99", "otsu"}
+    assert ref["thresholds"]["heldout"] <= ref["thresholds"]["heldout99"]
     for name, report_ in ref["domain_filter"].items():
         assert report_["threshold"] == ref["thresholds"][name]
         assert 0 <= report_["precision"] <= 1 and 0 <= report_["target_recall"] <= 1
+
+
+def test_runs_record_the_sources_of_their_trained_rows(bench_out):
+    runs = _runs(bench_out)
+    for r in runs:
+        share = r["trained_rows_source_share"]
+        assert set(share) == set(r["final_val"]) and sum(share.values()) == pytest.approx(1.0)
+    target = {(r["config"], r["seed"]): r for r in runs if r["regime"] == "target"}
+    finetune = [r for r in runs if r["regime"] == "finetune"]
+    assert all(r["trained_rows_source_share"]["python_doc"] == 1.0 for r in finetune)
+    # the oracle trains on target rows first: never a smaller target share than the batches it drew from
+    assert (target[("oracle", 0)]["trained_rows_source_share"]["python_doc"]
+            >= target[("standard", 0)]["trained_rows_source_share"]["python_doc"])
+    summary = report.summarize(runs)
+    oracle = next(row for row in summary["target"] if row["config"] == "oracle")
+    assert oracle["trained_primary_share"] == target[("oracle", 0)]["trained_rows_source_share"]["python_doc"]
 
 
 def test_same_seed_same_run(bench_out, tmp_path, cache_dir):

@@ -100,6 +100,28 @@ def test_job_file_parsing(tmp_path):
         runner.parse_jobs(str(jobs))
 
 
+JOB_FILES = sorted(os.path.join(ROOT, "benchmarks", "bench_jobs", f)
+                   for f in os.listdir(os.path.join(ROOT, "benchmarks", "bench_jobs")) if f.endswith(".txt"))
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=os.path.basename)
+def test_every_job_file_names_known_configurations_of_its_regimes(path):
+    """The job files are what the GPU rounds run unattended: a typo must fail here, not on the GPU."""
+    import argparse
+
+    from cggr.bench.cli import add_arguments
+    from cggr.bench.configs import get_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for name, args in _load_runner().parse_jobs(path):
+        ns, unknown = parser.parse_known_args(args)
+        assert not unknown, f"{name}: unknown arguments {unknown}"
+        assert ns.configs, f"{name}: no --configs"
+        for config in ns.configs:
+            assert set(ns.regime) <= set(get_config(config).regimes), f"{name}: {config} not in {ns.regime}"
+
+
 def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     """Two jobs of one regime on two workers share a cache (one reference model) and merge into one report."""
     jobs = tmp_path / "jobs.txt"

@@ -88,7 +88,7 @@ def test_importance_k1_expectation_equals_full_batch_loss_and_gradient(mix, temp
         gen.manual_seed(seed)
         model.zero_grad()
         loss = cggr(ids, labels=labels, attention_mask=mask)
-        row = int(cggr._last["rows"].item())
+        row = int(cggr.selected_rows.item())
         if row in losses:
             continue
         loss.backward()
@@ -123,7 +123,7 @@ def test_importance_k2_estimator_with_duplicates():
         gen.manual_seed(seed)
         with torch.no_grad():
             loss = cggr(ids, labels=labels, attention_mask=mask)
-        rows = cggr._last["rows"].tolist()
+        rows = cggr.selected_rows.tolist()
         assert rows == sorted(rows) and len(rows) == 2
         est = sum(c[i].double() / (p[i] * n_total) for i in rows) / 2
         torch.testing.assert_close(loss.double(), est, rtol=1e-4, atol=1e-6)
@@ -144,7 +144,7 @@ def test_importance_reproducible_and_fused_matches():
             la = a(ids, labels=labels, attention_mask=mask)
             lb = b(ids, labels=labels, attention_mask=mask)
             lf = fused(ids, labels=labels, attention_mask=mask)
-        assert torch.equal(a._last["rows"], b._last["rows"]) and torch.equal(a._last["rows"], fused._last["rows"])
+        assert torch.equal(a.selected_rows, b.selected_rows) and torch.equal(a.selected_rows, fused.selected_rows)
         assert la.item() == lb.item()
         torch.testing.assert_close(lf, la, rtol=1e-4, atol=1e-5)
 
@@ -227,7 +227,7 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     assert torch.isfinite(loss_rows).all()
     with torch.no_grad():
         by_loss(ids, labels=labels, attention_mask=mask)
-    top_loss = set(by_loss._last["rows"].tolist())
+    top_loss = set(by_loss.selected_rows.tolist())
     order = torch.argsort(loss_rows, descending=True)
     assert top_loss == set(order[:k].tolist())
 
@@ -241,7 +241,7 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     torch.testing.assert_close(excess_rows, rank, rtol=0, atol=1e-4)
     with torch.no_grad():
         loss = by_excess(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-    top_excess = set(by_excess._last["rows"].tolist())
+    top_excess = set(by_excess.selected_rows.tolist())
     assert top_excess == set(order[-k:].tolist()) and not top_excess & top_loss
     # and the loss is the plain model's on exactly those rows
     rows = sorted(top_excess)
@@ -299,7 +299,7 @@ def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
     for _ in range(60):
         with torch.no_grad():
             m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        rows = m._last["rows"].tolist()
+        rows = m.selected_rows.tolist()
         assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
         if len(in_domain) >= k:
             assert set(rows) <= in_domain
@@ -316,7 +316,7 @@ def test_reference_filter_loss_is_the_models_loss_on_its_rows():
     ids, labels, mask, reference = _in_domain_reference({1, 4})
     m = cggr_for(model, 2, selection="reference_filter", reference_threshold=3.0)
     loss = m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-    assert m._last["rows"].tolist() == [1, 4]
+    assert m.selected_rows.tolist() == [1, 4]
     plain = model(ids[[1, 4]], attention_mask=mask[[1, 4]], labels=labels[[1, 4]]).loss
     torch.testing.assert_close(loss, plain)
     loss.backward()
@@ -363,7 +363,7 @@ def test_registered_reference_policy_gets_row_means():
         m = cggr_for(model, 2, selection="test_lowest_reference")
         with torch.no_grad():
             m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        assert m._last["rows"].tolist() == [2, 3] and m.router is None
+        assert m.selected_rows.tolist() == [2, 3] and m.router is None
         torch.testing.assert_close(got["rows"].double(), reference_row_means_float64(reference, labels, mask),
                                    equal_nan=True)
     finally:

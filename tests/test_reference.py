@@ -268,4 +268,4 @@ def test_reference_model_row_nll_is_the_mean_over_scored_targets():
                   reference_threshold=float(finite[lowest]))  # only the lowest row passes; k = 1
     with torch.no_grad():
         m(ids, labels=labels, attention_mask=mask, reference_nll=ReferenceModel(model)(ids, labels, mask))
-    assert m._last["rows"].tolist() == [lowest]
+    assert m.selected_rows.tolist() == [lowest]

@@ -66,6 +66,11 @@ class Step:
     def metrics(self) -> dict:
         return {}
 
+    def selected_rows(self):
+        """Batch positions the last ``loss`` trained on: None (every row), a host array or a device tensor.
+        Read after the step's clock, to count the trained rows' sources for the report."""
+        return None
+
 
 class FullBatch(Step):
     def loss(self, batch):
@@ -85,11 +90,12 @@ class RowSubset(Step):
         self.rng = np.random.default_rng([ctx.seed, 0xC0FFEE])  # independent of the data-order stream
         self.steps = 0
         self.last_k = None
+        self.last_picked = None
 
     def loss(self, batch):
         k = rows_for_ratio(self.schedule.curriculum_ratio(self.steps), len(batch.source_ids))
         picked = np.sort(np.asarray(self.choose(batch, k, self.rng, self.ctx), dtype=np.int64))
-        self.last_k = k
+        self.last_k, self.last_picked = k, picked
         rows = batch.rows.index_select(0, torch.from_numpy(picked).to(batch.rows.device))
         return causal_lm_loss(self.module, rows)
 
@@ -98,6 +104,9 @@ class RowSubset(Step):
 
     def metrics(self):
         return {"rows_selected": self.last_k, "curriculum_ratio": self.schedule.curriculum_ratio(self.steps)}
+
+    def selected_rows(self):
+        return self.last_picked
 
 
 def _choose_random(batch, k, rng, ctx):
@@ -137,6 +146,9 @@ class CGGRModelStep(Step):
     def metrics(self):
         return self.module.get_metrics()
 
+    def selected_rows(self):
+        return self.module.selected_rows
+
 
 class RunningBaselineStep(Step):
     """CGGRModel excess-loss rows against a ``cggr.reference.RunningBaseline`` keyed by ``key(batch)``."""
@@ -158,6 +170,9 @@ class RunningBaselineStep(Step):
 
     def metrics(self):
         return self.module.get_metrics()
+
+    def selected_rows(self):
+        return self.module.selected_rows
 
 
 def _source_keys(batch):
@@ -250,8 +265,9 @@ def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_la
 
 def reference_filter_builder(method: str):
     """CGGRModel ``selection='reference_filter'``: rows below the reference's domain threshold first, random
-    filler, no router. ``method``: ``'heldout'`` (``cggr.reference.domain_threshold`` of the reference's NLL
-    on clean documents it never trained on) or ``'otsu'`` (``otsu_threshold`` of its NLL over the pool)."""
+    filler, no router. ``method``: ``'heldout'`` / ``'heldout99'`` (``cggr.reference.domain_threshold`` of the
+    reference's NLL on clean documents it never trained on, recall 0.95 / 0.99) or ``'otsu'``
+    (``otsu_threshold`` of its NLL over the pool)."""
     def build(model, ratio, ctx):
         from cggr.model import CGGRModel
 
@@ -334,6 +350,9 @@ CONFIGS: Dict[str, Config] = {
     "reference_filter": Config(reference_filter_builder("heldout"), True, ("target",),
                                "CGGRModel reference_filter: rows the reference finds as easy as its held-out "
                                "clean documents first, random filler, no router"),
+    "reference_filter_r99": Config(reference_filter_builder("heldout99"), True, ("target",),
+                                   "reference_filter with the held-out rows' 99th percentile as threshold "
+                                   "(recall 0.99: more target rows pass, and more false positives)"),
     "reference_filter_otsu": Config(reference_filter_builder("otsu"), True, ("target",),
                                     "reference_filter with Otsu's split of the pool's reference NLL as threshold"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),

@@ -103,7 +103,9 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                         "step_time_ms": r["step_time_ms"], "val_per_source": r["final_val"],
                         "diverged": r["diverged"], "time_to_std": None, "tokens_to_std": None, "speedup": None,
                         "mix_val": mix_loss(r["final_val"], r.get("train_source_share")),
-                        "others_val": others_loss(r["final_val"], r["primary"]), "mix_time_to_std": None}
+                        "others_val": others_loss(r["final_val"], r["primary"]), "mix_time_to_std": None,
+                        # share of the trained rows from the headline source (runs before it was recorded: None)
+                        "trained_primary_share": (r.get("trained_rows_source_share") or {}).get(r["primary"])}
                 std = standard.get(r["seed"])
                 share = r.get("train_source_share")
                 if std is not None and not r["diverged"] and share and r["primary"] is None:
@@ -121,7 +123,7 @@ def summarize(runs: List[dict]) -> Dict[str, List[dict]]:
                    "has_standard": all(p["seed"] in standard for p in per_seed),
                    "diverged": sum(p["diverged"] for p in per_seed), "per_seed": per_seed}
             for key in ("val", "test", "time_to_std", "tokens_to_std", "speedup", "tokens_per_s", "step_time_ms",
-                        "mix_val", "others_val", "mix_time_to_std"):
+                        "mix_val", "others_val", "mix_time_to_std", "trained_primary_share"):
                 row[key], row[key + "_sd"] = _mean_sd([p[key] for p in per_seed])
             sources = sorted(per_seed[0]["val_per_source"])
             row["val_per_source"] = {s: _mean_sd([p["val_per_source"][s] for p in per_seed])[0] for s in sources}
@@ -142,6 +144,10 @@ def _fmt(mean, sd=None, digits=3, scale=1.0):
     return text + (f" ± {sd * scale:.{digits}f}" if sd is not None else "")
 
 
+def _percent(share):
+    return "-" if share is None else f"{100 * share:.1f} %"
+
+
 def compile_note(mode) -> str:
     if not mode:
         return ""
@@ -156,7 +162,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
         st = first["settings"]
         pretrain = first["primary"] is None  # pretrain shows the data-mix view, the others the other sources
         extra_key = "mix_val" if pretrain else "others_val"
-        extra_name = "mix val | mix: time to std (s)" if pretrain else "others val"
+        extra_name = "mix val | mix: time to std (s)" if pretrain else f"others val | trained rows from {primary}"
         lines += [f"## {regime}", "",
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
@@ -164,7 +170,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"{st['dtype']}{compile_note(st.get('compile'))} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if pretrain else "")]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             n = len(r["seeds"])
             reached = f"{r['reached']}/{n}" if r["has_standard"] else "no std run"
@@ -177,7 +183,8 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                 f"{_fmt(r['tokens_to_std'], r['tokens_to_std_sd'], 2, 1e-6)} | {reached} | "
                 f"{_fmt(r['speedup'], r['speedup_sd'], 2)} | {_fmt(r['tokens_per_s'], None, 0)} | "
                 f"{_fmt(r['step_time_ms'], None, 1)} | {_fmt(r[extra_key], r[extra_key + '_sd'])} |"
-                + (f" {_fmt(r['mix_time_to_std'], r['mix_time_to_std_sd'], 1)} |" if pretrain else ""))
+                + (f" {_fmt(r['mix_time_to_std'], r['mix_time_to_std_sd'], 1)} |" if pretrain
+                   else f" {_percent(r['trained_primary_share'])} |"))
         sources = sorted(rows[0]["val_per_source"])
         lines += ["", "Final validation loss per source:", "",
                   "| config | ratio | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]

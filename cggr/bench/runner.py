@@ -238,7 +238,8 @@ class Bench:
                              f"{(len(self.train_rows), self.s.seq_len)}")
         info["nll"] = torch.from_numpy(nll).to(self.device)
         info["row_nll"] = nll.mean(axis=1)
-        info["thresholds"] = {"heldout": domain_threshold(info["heldout_row_nll"]),
+        info["thresholds"] = {"heldout": domain_threshold(info["heldout_row_nll"], recall=0.95),
+                              "heldout99": domain_threshold(info["heldout_row_nll"], recall=0.99),
                               "otsu": otsu_threshold(info["row_nll"])}
         info["domain_filter"] = {name: self._domain_filter_report(info["row_nll"], t)
                                  for name, t in info["thresholds"].items()}
@@ -403,6 +404,8 @@ class Bench:
             "graphs_compiled_in_clock": result.graphs_compiled_in_clock,
             "diverged": result.diverged, "final_val": result.final_val, "test": test, "curve": result.curve,
             "train_source_share": self.train_source_share(),
+            # the sources of the rows the steps trained on (labels read for this report only)
+            "trained_rows_source_share": result.trained_rows_source_share,
             "param_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,

@@ -118,6 +118,41 @@ class RunResult:
     final_val: Dict[str, float]
     host_time: float = 0.0  # seconds the host spent issuing the steps (before each step's final sync)
     graphs_compiled_in_clock: Optional[int] = None  # with compile_blocks: Dynamo graphs built in timed steps
+    trained_rows_source_share: Optional[Dict[str, float]] = None  # sources of the rows the steps trained on
+
+
+class TrainedRowSources:
+    """Rows trained per source, summed over the run (repeats counted: importance sampling draws with
+    replacement). Counted after each step's clock: a device selection is counted on the device (no sync);
+    the source labels never reach a configuration."""
+
+    def __init__(self, rows: RowSet, device):
+        self.sources = rows.sources
+        self.source_ids = rows.source_ids
+        self.host_counts = np.zeros(len(rows.sources), dtype=np.int64)
+        self.device = device
+        self._device_source_ids = None
+        self._device_counts = None
+
+    def add(self, batch: Batch, selected):
+        if selected is None:
+            self.host_counts += np.bincount(batch.source_ids, minlength=len(self.sources))
+        elif isinstance(selected, torch.Tensor):
+            if self._device_counts is None:
+                self._device_source_ids = torch.from_numpy(self.source_ids).to(self.device)
+                self._device_counts = torch.zeros(len(self.sources), dtype=torch.int64, device=self.device)
+            rows = batch.index.index_select(0, selected.to(batch.index.device))
+            self._device_counts.index_add_(0, self._device_source_ids.index_select(0, rows),
+                                           torch.ones_like(rows))
+        else:
+            self.host_counts += np.bincount(batch.source_ids[np.asarray(selected)], minlength=len(self.sources))
+
+    def share(self) -> Dict[str, float]:
+        counts = self.host_counts.copy()
+        if self._device_counts is not None:
+            counts += self._device_counts.cpu().numpy()
+        total = max(1, int(counts.sum()))
+        return {name: int(c) / total for name, c in zip(self.sources, counts)}
 
 
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
@@ -141,6 +176,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     optimizer = make_optimizer(step_obj.module, optim, device)
     order = batch_order(len(train_rows), batch_size, ctx.seed)
     tokens_per_step = batch_size * (train_rows.rows.shape[1] - 1)
+    trained_sources = TrainedRowSources(train_rows, device)
 
     curve: List[dict] = []
     train_time, host_time, tokens, steps = 0.0, 0.0, 0, 0
@@ -184,12 +220,14 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         graphs_before = compiled_graph_count() if compile_blocks else 0
         _sync(device)
         start = time.perf_counter()
-        loss = training_step(step_obj, _batch(train_rows, idx, device), optimizer, autocast, optim.grad_clip)
+        batch = _batch(train_rows, idx, device)  # inside the clock, as the data loading it stands for
+        loss = training_step(step_obj, batch, optimizer, autocast, optim.grad_clip)
         loss_sum += loss.float()
         host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
         _sync(device)
         elapsed = time.perf_counter() - start
         train_time += elapsed
+        trained_sources.add(batch, step_obj.selected_rows())  # outside the clock
         if compile_blocks:
             graphs_in_clock += compiled_graph_count() - graphs_before
         tokens += tokens_per_step
@@ -203,7 +241,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         log(f"{label}: {graphs_in_clock} graph(s) were compiled inside timed steps: its step times include "
             "compilation")
     return RunResult(curve, steps, train_time, tokens, diverged, curve[-1]["val"], host_time,
-                     graphs_in_clock if compile_blocks else None)
+                     graphs_in_clock if compile_blocks else None, trained_sources.share())
 
 
 def training_step(step_obj: Step, batch: Batch, optimizer, autocast, grad_clip: float) -> torch.Tensor:
