@@ -731,8 +731,9 @@ class CGGRModel(nn.Module):
 
     @property
     def selected_rows(self) -> Optional[torch.Tensor]:
-        """[k] int64 (device) batch positions the last forward with labels trained on, in ascending order
-        (repeats possible with ``selection='importance'``), or None when it kept every row."""
+        """[k] int64 (device) batch positions the last forward with labels trained on, as the row policy
+        returned them (the built-in ones: ascending; repeats possible with ``selection='importance'``), or
+        None when it kept every row."""
         return None if self._last is None else self._last["rows"]
 
     @property
