@@ -368,3 +368,19 @@ def test_registered_reference_policy_gets_row_means():
                                    equal_nan=True)
     finally:
         ROW_POLICIES.pop("test_lowest_reference")
+
+
+def test_selected_rows_are_the_rows_that_carry_the_loss():
+    """selected_rows names exactly the rows the loss is computed on; None once every row trains."""
+    model = llama()
+    ids, labels, mask = padded_batch()
+    m = CGGRModel(model, min_tokens_ratio=2 / B, warmup_steps=0, selection="random", seed=5)
+    assert m.selected_rows is None  # no forward yet
+    loss = m(ids, labels=labels, attention_mask=mask)
+    rows = m.selected_rows
+    assert rows.shape == (2,) and rows.dtype == torch.int64
+    expected = model(ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+    torch.testing.assert_close(loss, expected)
+    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="random")
+    full(ids, labels=labels, attention_mask=mask)
+    assert full.selected_rows is None
