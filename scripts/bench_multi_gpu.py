@@ -8,7 +8,10 @@ Jobs sharing --cache-dir share the finetune stage-1 checkpoints and reference mo
 them, so the first job of a seed trains them and the others wait for it.
 
 Every configuration keeps its own GPU for the whole run, so its clock is its own; the GPUs must be of
-one model (the script records `nvidia-smi` names in ROOT/gpus.txt).
+one model (the script records `nvidia-smi` names in ROOT/gpus.txt). With `--cpu-slices N` the CPUs this
+process may use are cut into N equal slices and a job on GPU g runs on slice g mod N (through `taskset`),
+so that one job's compile workers cannot slow another job's timed steps: unpinned jobs that started
+together were 2-6 % slower per step than staggered ones (BENCHMARKS.md, regime 3, fifth session).
 
 At the end, runs of one regime are merged into ROOT/merged/REGIME (`cggr bench --report-only`). Queues that
 run side by side on one machine pass `--no-merge`, and one `--merge-only` call over all their jobs files
@@ -61,6 +64,8 @@ def main(argv=None):
     p.add_argument("--wall", type=float,
                    help="seconds from now: no job starts a run that would end later (the bench's --max-wall)")
     p.add_argument("--python", default=sys.executable)
+    p.add_argument("--cpu-slices", type=int, default=0,
+                   help="cut this process's CPUs into N equal slices; a job on GPU g runs on slice g mod N (0: no pinning)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--no-merge", action="store_true",
                       help="run the jobs only (another invocation with --merge-only merges several queues once)")
@@ -75,6 +80,7 @@ def main(argv=None):
         return 0
     if not a.gpus or a.wall is None:
         p.error("--gpus and --wall are required unless --merge-only")
+    slices = cpu_slices(a.cpu_slices) if a.cpu_slices else None
     deadline = time.monotonic() + a.wall
     os.makedirs(os.path.join(a.root, "logs"), exist_ok=True)
     if shutil.which("nvidia-smi"):
@@ -100,6 +106,8 @@ def main(argv=None):
                 continue
             out = os.path.join(a.root, "jobs", name)
             cmd = [a.python, "-m", "cggr", "bench", *args, *common, "--out", out, "--max-wall", f"{left:.0f}"]
+            if slices is not None:
+                cmd = ["taskset", "-c", ",".join(map(str, slices[int(gpu) % len(slices)]))] + cmd
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
             start = time.monotonic()
             with open(os.path.join(a.root, "logs", name + ".log"), "a") as log:
@@ -121,6 +129,17 @@ def main(argv=None):
     for name, _ in jobs:
         print(f"{name}: {results.get(name, 'not started')}")
     return 0 if all(" exit 0 " in results.get(n, "") for n, _ in jobs) else 1
+
+
+def cpu_slices(n):
+    """This process's CPUs in ``n`` equal, disjoint, ascending slices (the remainder left out)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if n < 1 or len(cpus) < n:
+        raise SystemExit(f"--cpu-slices must be between 1 and the {len(cpus)} CPUs this process may use, got {n}")
+    if shutil.which("taskset") is None:
+        raise SystemExit("--cpu-slices pins jobs with taskset (util-linux), which is not installed here")
+    size = len(cpus) // n
+    return [cpus[i * size:(i + 1) * size] for i in range(n)]
 
 
 def merge(a, jobs):

@@ -161,6 +161,39 @@ def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     assert sum(share.values()) == pytest.approx(1.0)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and at least 2 usable CPUs")
+def test_multi_gpu_runner_pins_each_gpu_to_its_cpu_slice(tmp_path):
+    """--cpu-slices: a job on GPU g runs on slice g mod N of the CPUs, disjoint from the other GPUs' slices."""
+    import shutil
+
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    record = tmp_path / "affinity.txt"
+    fake_python = tmp_path / "python"  # stands in for `python -m cggr bench ...`: records where it ran
+    fake_python.write_text(f"#!{sys.executable}\nimport os\nwith open({str(record)!r}, 'a') as f:\n"
+                           "    f.write(os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + "
+                           "','.join(map(str, sorted(os.sched_getaffinity(0)))) + '\\n')\n")
+    fake_python.chmod(0o755)
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text("".join(f"j{i} --seeds {i}\n" for i in range(4)))
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_multi_gpu.py"), "--gpus", "0", "1", "--cpu-slices", "2",
+           "--root", str(tmp_path / "root"), "--jobs", str(jobs), "--wall", "600", "--python", str(fake_python),
+           "--no-merge"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = {}
+    for line in record.read_text().split("\n"):
+        if line:
+            gpu, cpus = line.split()
+            seen.setdefault(gpu, set()).add(cpus)
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    assert seen == {"0": {",".join(map(str, cpus[:half]))}, "1": {",".join(map(str, cpus[half:2 * half]))}}
+    done = subprocess.run(cmd[:6] + [str(len(cpus) + 1)] + cmd[7:], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "--cpu-slices must be between 1 and" in done.stderr
+
+
 @pytest.mark.parametrize("regime,configs", [("pretrain", ["standard", "cggr_hardest", "cggr_loss"]),
                                             ("target", ["excess", "reference_stratified"]),
                                             ("finetune", ["random"])])
