@@ -9,7 +9,9 @@ depend on the text; the target-regime configurations get a random reference NLL)
 ``--steps`` steps in which the batch copy, the loss (forward), backward, gradient clipping and the
 optimizer step + zero_grad are each timed twice: host time to issue the phase, and wall time to its
 end on the device (a sync after each phase). The syncs serialise the step, so the phase sum exceeds a
-free-running step; the point is which phase dominates. A final profiler pass over a few free-running
+free-running step; the point is which phase dominates. Then the same steps free-running, a sync around
+each (`free step ms`: `cggr bench`'s default clock) and back to back with one sync at the end (`span step
+ms`: `--clock span`, the host issuing ahead of the GPU). A final profiler pass over a few free-running
 steps lists the ops with the most host (self CPU) time.
 """
 import argparse
@@ -110,9 +112,16 @@ def run(config, compile_mode, dtype, args, device):
         t1 = time.perf_counter()
         sync(device)
         free.append((1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t0)))
+    # the same steps back to back, one synchronisation at the end: cggr bench --clock span
+    sync(device)
+    t0 = time.perf_counter()
+    for idx in order[:args.steps]:
+        training_step(step_obj, _batch(rows, idx, device), optimizer, autocast, 1.0)
+    sync(device)
+    span_step_ms = 1e3 * (time.perf_counter() - t0) / args.steps
     row = {"config": config, "compile": compile_mode, "dtype": dtype,
            "free_step_ms": statistics.median(f[1] for f in free), "free_host_ms": statistics.median(f[0] for f in free),
-           "phased_step_ms": statistics.median(totals)}
+           "span_step_ms": span_step_ms, "phased_step_ms": statistics.median(totals)}
     for p in PHASES:
         row[f"{p}_host_ms"] = statistics.median(host[p])
         row[f"{p}_wall_ms"] = statistics.median(wall[p])
@@ -146,13 +155,14 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     rows = []
-    print("| config | compile | dtype | free step ms | free host ms | " + " | ".join(f"{p} host/wall" for p in PHASES) + " |")
+    print("| config | compile | dtype | free step ms | free host ms | span step ms | " + " | ".join(f"{p} host/wall" for p in PHASES) + " |")
     for dtype in args.dtype:
         for compile_mode in args.compile:
             for config in args.configs:
                 r = run(config, compile_mode, dtype, args, device)
                 rows.append(r)
                 print(f"| {config} | {compile_mode} | {dtype} | {r['free_step_ms']:.1f} | {r['free_host_ms']:.1f} | "
+                      f"{r['span_step_ms']:.1f} | "
                       + " | ".join(f"{r[p + '_host_ms']:.1f}/{r[p + '_wall_ms']:.1f}" for p in PHASES) + " |", flush=True)
     for r in rows:
         if "profile_cpu" in r:

@@ -301,3 +301,39 @@ def test_time_budget_and_max_wall(tmp_path, cache_dir, capsys):
     for r in runs:
         assert r["settings"]["budget_kind"] == "time" and r["train_time"] >= 0.5
         assert len(r["curve"]) >= 2 and r["curve"][-1]["time"] == r["train_time"]
+
+
+def test_span_clock_trains_exactly_what_the_step_clock_trains(tmp_path, cache_dir):
+    """--clock span changes only where the clock is read: with a token budget both clocks train the same
+    steps to the same losses and sources; with a time budget the span clock's times are exact at every
+    evaluation and the budget is spent."""
+    outs = {}
+    for clock in ("step", "span"):
+        outs[clock] = str(tmp_path / clock)
+        assert main(["bench", "--configs", "standard", "random", "cggr_hardest", "--ratios", "0.5", "--clock", clock,
+                     "--out", outs[clock], "--cache-dir", cache_dir] + TINY) == 0
+    step_runs, span_runs = ({(r["config"], r["ratio"]): r for r in _runs(outs[c])} for c in ("step", "span"))
+    assert step_runs.keys() == span_runs.keys()
+    for key, a in step_runs.items():
+        b = span_runs[key]
+        assert [p["val"] for p in a["curve"]] == [p["val"] for p in b["curve"]]
+        assert a["steps"] == b["steps"] and a["trained_rows_source_share"] == b["trained_rows_source_share"]
+        assert "clock" not in a["settings"] and b["settings"]["clock"] == "span"
+        assert a["settings_hash"] != b["settings_hash"]
+    assert "--clock span" in open(os.path.join(outs["span"], "summary.md")).read()
+
+    timed = [a for a in TINY if a not in ("--token-budget", "128", "--eval-every", "64")]
+    out = str(tmp_path / "span_timed")
+    assert main(["bench", "--configs", "random", "--ratios", "0.5", "--clock", "span", "--time-budget", "0.5",
+                 "--eval-every", "0.1", "--out", out, "--cache-dir", cache_dir] + timed) == 0
+    run = _runs(out)[0]
+    times = [p["time"] for p in run["curve"]]
+    assert run["train_time"] >= 0.5 and times == sorted(times) and len(times) >= 3
+    assert times[-1] == run["train_time"] and run["curve"][-1]["step"] == run["steps"]
+
+
+def test_train_rejects_an_unknown_clock():
+    from cggr.bench.train import train
+
+    with pytest.raises(ValueError, match=r"clock must be one of \('step', 'span'\), got 'wall'"):
+        train(None, None, None, None, None, None, None, None, 4, "cpu", None, clock="wall")

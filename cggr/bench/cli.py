@@ -8,6 +8,7 @@ from . import data as D
 from .configs import REGIMES, default_configs
 from .models import COMPILE_MODES, PRESETS
 from .runner import DTYPES
+from .train import CLOCKS
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -88,6 +89,10 @@ def add_arguments(p: argparse.ArgumentParser):
                         "configuration alike, graphs compiled before the clock starts (needs a fixed row "
                         "count: --selection-warmup-steps 0); blocks-cudagraphs also replays each block as a "
                         "CUDA graph (reduce-overhead). Default: eager")
+    g.add_argument("--clock", choices=CLOCKS, default="step",
+                   help="step: a device synchronisation around every timed step (each step timed from an idle "
+                        "GPU); span: synchronise only at evaluations, so the host issues the next step while "
+                        "the GPU runs this one, as a loop that does not read its loss every step")
     g.add_argument("--untimed-warmup-steps", type=int, default=2,
                    help="steps on a throw-away copy before each timed run")
 
@@ -174,7 +179,7 @@ def settings_from_args(args, parser, log):
             finetune_source=args.finetune_source, target_source=args.target_source,
             reference_preset=args.reference_preset, reference_frac=args.reference_frac,
             reference_holdout_frac=args.reference_holdout_frac,
-            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, out=args.out,
+            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, clock=args.clock, out=args.out,
             cache_dir=args.cache_dir)
     return settings, corpus
 

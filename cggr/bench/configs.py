@@ -30,6 +30,16 @@ class Batch:
     host_index: np.ndarray    # [B] int64, ``index`` on the host (host-side policies)
 
 
+def to_device(array: np.ndarray, device) -> torch.Tensor:
+    """A host array on ``device`` without a host synchronisation: through pinned memory on CUDA (a copy
+    from pageable memory may wait for the stream, and the bench's clock='span' lets the host run ahead)."""
+    device = torch.device(device)
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 @dataclasses.dataclass
 class StepContext:
     seed: int
@@ -96,7 +106,7 @@ class RowSubset(Step):
         k = rows_for_ratio(self.schedule.curriculum_ratio(self.steps), len(batch.source_ids))
         picked = np.sort(np.asarray(self.choose(batch, k, self.rng, self.ctx), dtype=np.int64))
         self.last_k, self.last_picked = k, picked
-        rows = batch.rows.index_select(0, torch.from_numpy(picked).to(batch.rows.device))
+        rows = batch.rows.index_select(0, to_device(picked, batch.rows.device))
         return causal_lm_loss(self.module, rows)
 
     def after_step(self):
@@ -176,7 +186,7 @@ class RunningBaselineStep(Step):
 
 
 def _source_keys(batch):
-    return torch.from_numpy(batch.source_ids).to(batch.rows.device, non_blocking=True)
+    return to_device(batch.source_ids, batch.rows.device)
 
 
 def _row_keys(batch):

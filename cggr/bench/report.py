@@ -154,6 +154,10 @@ def compile_note(mode) -> str:
     return ", compiled blocks" if mode in (True, "blocks") else f", compiled blocks ({mode})"
 
 
+def clock_note(clock) -> str:
+    return ", timed per span between evaluations (--clock span)" if clock == "span" else ""
+
+
 def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
     lines = []
     for regime, rows in summary.items():
@@ -167,7 +171,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
                   f"{'s' if st['budget_kind'] == 'time' else 'tokens'} per configuration, lr {st['lr']:g}, "
-                  f"{st['dtype']}{compile_note(st.get('compile'))} on {first['device']}.", "",
+                  f"{st['dtype']}{compile_note(st.get('compile'))}{clock_note(st.get('clock'))} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -72,6 +72,7 @@ class Settings:
     reference_holdout_frac: float = 0.1  # of the clean slice's documents: never trained on, calibrates the domain threshold
     untimed_warmup_steps: int = 2
     compile: Optional[str] = None  # a mode of models.COMPILE_MODES: every training of the bench (runs, stage 1, reference)
+    clock: str = "step"  # train.CLOCKS: a synchronisation around every step, or only at evaluations ("span")
     out: str = "bench_out"
     cache_dir: str = "bench_cache"  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 
@@ -87,6 +88,8 @@ class Settings:
                 fields.pop(k)
         if not self.compile:
             fields.pop("compile")  # absent when off, so settings hashes from before the option still match
+        if self.clock == "step":
+            fields.pop("clock")  # likewise for the default clock
         fields["corpus"] = os.path.basename(corpus_path)  # the token file name carries the content hash
         return fields
 
@@ -218,7 +221,7 @@ class Bench:
         result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
                        self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
                        self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log,
-                       compile_blocks=self.s.compile)
+                       compile_blocks=self.s.compile, clock=self.s.clock)
         tmp = path + ".tmp"
         with quiet_transformers():
             model.save_pretrained(tmp)
@@ -278,7 +281,7 @@ class Bench:
             result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
                            self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
                            self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log,
-                           compile_blocks=s.compile)
+                           compile_blocks=s.compile, clock=s.clock)
             nll = self._pool_nll(model)
             held_nll = self._rows_nll(model, held.rows).mean(axis=1)
             info = {"preset": s.reference_preset, "rows": len(rows), "steps": result.steps, "tokens": result.tokens,
@@ -390,7 +393,7 @@ class Bench:
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
                        self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
-                       label=label, log=self.log, compile_blocks=s.compile)
+                       label=label, log=self.log, compile_blocks=s.compile, clock=s.clock)
         test = Evaluator(D.eval_rows(self.corpus, "test", self.row_len, s.eval_rows), s.eval_batch_size,
                          self.device, self.autocast)(model)
         record = {

@@ -6,8 +6,15 @@
   ``min_lr_frac * lr`` at the end of the budget. Progress is measured in the budget's unit: training
   seconds for ``--time-budget`` (so a slower configuration decays its LR over fewer steps), tokens for
   ``--token-budget`` (deterministic).
-- Clock: only training steps count. Each step is bracketed by device synchronisations, so the measured
-  time is the step's real GPU time; evaluation, logging and checkpointing run outside the clock.
+- Clock: only training steps count; evaluation, logging and checkpointing run outside the clock. Two
+  clocks (``clock``): ``'step'`` (default) brackets every step by device synchronisations, so each step's
+  measured time is its real time from an idle GPU, including the host's time to issue its first kernels;
+  ``'span'`` synchronises only at evaluations and times the whole span of steps between them, so the host
+  issues step n+1 while the GPU still runs step n, as in a training loop that does not read its loss
+  every step (host-side work such as a router's launches then overlaps the GPU's). Both count the same
+  work; in span mode the budget and the learning rate follow the host's clock between evaluations (a few
+  steps ahead of the GPU at most) and the recorded times are exact at every evaluation. Batches and
+  host-chosen rows reach the GPU from pinned memory, without a synchronisation, in both.
   ``untimed_warmup_steps`` steps on a throw-away copy of the model come first so that one-time costs
   (CUDA context, cuBLAS handles, autotuning, allocator growth) are not charged to whichever
   configuration happens to run first. With ``compile_blocks`` the decoder blocks are then compiled in
@@ -27,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .configs import Batch, Step, StepContext
+from .configs import Batch, Step, StepContext, to_device
 from .data import RowSet, batch_order
 from .models import begin_graph_step, compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
@@ -108,6 +115,9 @@ def token_nll(model, rows: torch.Tensor, autocast) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
 
 
+CLOCKS = ("step", "span")
+
+
 @dataclasses.dataclass
 class RunResult:
     curve: List[dict]
@@ -133,8 +143,19 @@ class TrainedRowSources:
         self.device = device
         self._device_source_ids = None
         self._device_counts = None
+        self._pending = []
 
     def add(self, batch: Batch, selected):
+        """Remember a step's selection (host bookkeeping only: the counting waits for ``flush``)."""
+        self._pending.append((batch, selected))
+
+    def flush(self):
+        """Count the remembered steps (outside the clock)."""
+        for batch, selected in self._pending:
+            self._count(batch, selected)
+        self._pending.clear()
+
+    def _count(self, batch: Batch, selected):
         if selected is None:
             self.host_counts += np.bincount(batch.source_ids, minlength=len(self.sources))
         elif isinstance(selected, torch.Tensor):
@@ -148,6 +169,7 @@ class TrainedRowSources:
             self.host_counts += np.bincount(batch.source_ids[np.asarray(selected)], minlength=len(self.sources))
 
     def share(self) -> Dict[str, float]:
+        self.flush()
         counts = self.host_counts.copy()
         if self._device_counts is not None:
             counts += self._device_counts.cpu().numpy()
@@ -157,11 +179,15 @@ class TrainedRowSources:
 
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
           evaluator: Evaluator, budget: Budget, optim: OptimConfig, batch_size: int, device, autocast,
-          untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: Optional[str] = None) -> RunResult:
+          untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: Optional[str] = None,
+          clock: str = "step") -> RunResult:
     """Train ``model`` in place with the configuration ``build`` until the budget is spent.
 
-    ``compile_blocks``: None (eager) or a mode of ``cggr.bench.models.COMPILE_MODES``.
+    ``compile_blocks``: None (eager) or a mode of ``cggr.bench.models.COMPILE_MODES``; ``clock``: one of
+    ``CLOCKS`` (module docstring).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     device = torch.device(device)
     if untimed_warmup_steps > 0:
         _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps)
@@ -186,8 +212,20 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     diverged = False
     progress = Progress(label, budget.amount, "s" if budget.kind == "time" else "tok")
 
+    span_start = None  # clock='span': perf_counter() at the start of the open span (after a synchronisation)
+
     def used():
-        return train_time if budget.kind == "time" else float(tokens)
+        if budget.kind != "time":
+            return float(tokens)
+        return train_time + (time.perf_counter() - span_start if span_start is not None else 0.0)
+
+    def close_span():
+        nonlocal train_time, span_start
+        if span_start is not None:
+            _sync(device)
+            train_time += time.perf_counter() - span_start
+            span_start = None
+            trained_sources.flush()
 
     def evaluate():
         nonlocal loss_sum, loss_steps
@@ -205,6 +243,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     lr = lr_at(0.0, optim)
     while True:
         if used() >= next_eval:
+            close_span()
             train_loss = evaluate()
             if steps and not math.isfinite(train_loss):
                 diverged = True
@@ -212,28 +251,37 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
                 break
             next_eval = (math.floor(used() / budget.eval_every) + 1) * budget.eval_every
         if used() >= budget.amount:
+            close_span()
             break
         lr = lr_at(used() / budget.amount, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = next(order)
         graphs_before = compiled_graph_count() if compile_blocks else 0
-        _sync(device)
+        if clock == "step" or span_start is None:
+            _sync(device)
         start = time.perf_counter()
+        if clock == "span" and span_start is None:
+            span_start = start
         batch = _batch(train_rows, idx, device)  # inside the clock, as the data loading it stands for
         loss = training_step(step_obj, batch, optimizer, autocast, optim.grad_clip)
         loss_sum += loss.float()
         host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        train_time += elapsed
-        trained_sources.add(batch, step_obj.selected_rows())  # outside the clock
+        trained_sources.add(batch, step_obj.selected_rows())
+        if clock == "step":
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            train_time += elapsed
+            trained_sources.flush()  # outside the clock
+        else:
+            elapsed = time.perf_counter() - start  # the host's time for the step (the bar only)
         if compile_blocks:
             graphs_in_clock += compiled_graph_count() - graphs_before
         tokens += tokens_per_step
         steps += 1
         loss_steps += 1
         progress.advance(elapsed if budget.kind == "time" else tokens_per_step)
+    close_span()
     if curve[-1]["step"] != steps:
         evaluate()
     progress.close()
@@ -259,9 +307,7 @@ def training_step(step_obj: Step, batch: Batch, optimizer, autocast, grad_clip: 
 
 
 def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
-    index = torch.from_numpy(idx)
-    return Batch(torch.from_numpy(rows.rows[idx]).to(device, non_blocking=True), index.to(device),
-                 rows.source_ids[idx], idx)
+    return Batch(to_device(rows.rows[idx], device), to_device(idx, device), rows.source_ids[idx], idx)
 
 
 def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, n):
