@@ -146,27 +146,28 @@ class TrainedRowSources:
         self._pending = []
 
     def add(self, batch: Batch, selected):
-        """Remember a step's selection (host bookkeeping only: the counting waits for ``flush``)."""
-        self._pending.append((batch, selected))
+        """Remember a step's selection (host bookkeeping only: the counting waits for ``flush``). Only the
+        batch's row indices are kept, not its tokens (a span of steps would hold them all on the GPU)."""
+        self._pending.append((batch.index, batch.source_ids, selected))
 
     def flush(self):
         """Count the remembered steps (outside the clock)."""
-        for batch, selected in self._pending:
-            self._count(batch, selected)
+        for index, source_ids, selected in self._pending:
+            self._count(index, source_ids, selected)
         self._pending.clear()
 
-    def _count(self, batch: Batch, selected):
+    def _count(self, index: torch.Tensor, source_ids: np.ndarray, selected):
         if selected is None:
-            self.host_counts += np.bincount(batch.source_ids, minlength=len(self.sources))
+            self.host_counts += np.bincount(source_ids, minlength=len(self.sources))
         elif isinstance(selected, torch.Tensor):
             if self._device_counts is None:
                 self._device_source_ids = torch.from_numpy(self.source_ids).to(self.device)
                 self._device_counts = torch.zeros(len(self.sources), dtype=torch.int64, device=self.device)
-            rows = batch.index.index_select(0, selected.to(batch.index.device))
+            rows = index.index_select(0, selected.to(index.device))
             self._device_counts.index_add_(0, self._device_source_ids.index_select(0, rows),
                                            torch.ones_like(rows))
         else:
-            self.host_counts += np.bincount(batch.source_ids[np.asarray(selected)], minlength=len(self.sources))
+            self.host_counts += np.bincount(source_ids[np.asarray(selected)], minlength=len(self.sources))
 
     def share(self) -> Dict[str, float]:
         self.flush()
