@@ -160,7 +160,7 @@ class CGGRModelStep(Step):
         return self.module.selected_rows
 
 
-class RunningBaselineStep(Step):
+class RunningBaselineStep(CGGRModelStep):
     """CGGRModel excess-loss rows against a ``cggr.reference.RunningBaseline`` keyed by ``key(batch)``."""
 
     def __init__(self, cggr_model, baseline, key: Callable):
@@ -176,13 +176,7 @@ class RunningBaselineStep(Step):
     def after_step(self):
         if self.module.router_row_nll is not None:
             self.baseline.update(self._keys, self.module.router_row_nll)
-        self.module.step()
-
-    def metrics(self):
-        return self.module.get_metrics()
-
-    def selected_rows(self):
-        return self.module.selected_rows
+        super().after_step()
 
 
 def _source_keys(batch):

@@ -133,8 +133,8 @@ class RunResult:
 
 class TrainedRowSources:
     """Rows trained per source, summed over the run (repeats counted: importance sampling draws with
-    replacement). Counted after each step's clock: a device selection is counted on the device (no sync);
-    the source labels never reach a configuration."""
+    replacement). Counted outside the clock (after each step, or at the end of a span): a device selection
+    is counted on the device (no sync); the source labels never reach a configuration."""
 
     def __init__(self, rows: RowSet, device):
         self.sources = rows.sources
@@ -271,11 +271,9 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         trained_sources.add(batch, step_obj.selected_rows())
         if clock == "step":
             _sync(device)
-            elapsed = time.perf_counter() - start
-            train_time += elapsed
+            train_time += time.perf_counter() - start
             trained_sources.flush()  # outside the clock
-        else:
-            elapsed = time.perf_counter() - start  # the host's time for the step (the bar only)
+        elapsed = time.perf_counter() - start  # span: the host's time for the step (the progress bar only)
         if compile_blocks:
             graphs_in_clock += compiled_graph_count() - graphs_before
         tokens += tokens_per_step
