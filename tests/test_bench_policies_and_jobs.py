@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cggr.bench import report
-from cggr.bench.configs import Batch, StepContext, _choose_reference_stratified
+from cggr.bench.configs import Batch, StepContext, _choose_reference_lowest, _choose_reference_stratified
 from cggr.bench.runner import cache_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,19 @@ def test_reference_stratified_takes_the_lowest_reference_rows_then_random(k):
         for _ in range(200):
             seen |= set(_choose_reference_stratified(_batch(host_index), k, rng, ctx).tolist())
         assert seen == set(range(8))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_reference_lowest_takes_exactly_the_lowest_reference_rows(k):
+    rng_data = np.random.default_rng(10 + k)
+    row_nll = rng_data.permutation(100).astype(np.float32)
+    host_index = rng_data.choice(100, size=8, replace=False)
+    ctx = StepContext(seed=0, reference_row_nll=row_nll)
+    picked = _choose_reference_lowest(_batch(host_index), k, np.random.default_rng(0), ctx)
+    assert sorted(picked.tolist()) == sorted(np.argsort(row_nll[host_index])[:k].tolist())
+    # ties keep the batch order (stable), so the choice is deterministic
+    ctx_ties = StepContext(seed=0, reference_row_nll=np.zeros(100, dtype=np.float32))
+    assert _choose_reference_lowest(_batch(host_index), k, np.random.default_rng(1), ctx_ties).tolist() == list(range(k))
 
 
 def test_cache_lock_serialises_two_holders(tmp_path):

@@ -130,13 +130,25 @@ def _choose_oracle(batch, k, rng, ctx):
     return np.concatenate([np.flatnonzero(is_target), rng.permutation(others)])[:k]
 
 
+def _reference_order(batch, ctx):
+    """Batch positions by ascending mean reference NLL (stable: ties keep the batch's own, random, order)."""
+    return np.argsort(ctx.reference_row_nll[batch.host_index], kind="stable")
+
+
 def _choose_reference_stratified(batch, k, rng, ctx):
     """Half the rows (rounded up) with the lowest reference NLL, the rest random: the reference model's
     domain signal alone, no router (it is computed once before training, so selection costs nothing)."""
     k_low = (k + 1) // 2
-    order = np.argsort(ctx.reference_row_nll[batch.host_index], kind="stable")
+    order = _reference_order(batch, ctx)
     low, rest = order[:k_low], order[k_low:]
     return np.concatenate([low, rng.permutation(rest)])[:k]
+
+
+def _choose_reference_lowest(batch, k, rng, ctx):
+    """The k rows with the lowest reference NLL: the reference's ranking alone, no threshold, no router.
+    Unlike ``reference_filter`` (rows under a threshold in random order), a row the reference finds less
+    in-domain never takes a slot from one it finds more in-domain; the filler is the next-lowest rows."""
+    return _reference_order(batch, ctx)[:k]
 
 
 class CGGRModelStep(Step):
@@ -239,10 +251,13 @@ def build_random(model, ratio, ctx):
     return RowSubset(model, ratio, ctx, _choose_random)
 
 
-def build_reference_stratified(model, ratio, ctx):
-    if ctx.reference_row_nll is None:
-        raise ValueError("reference_stratified needs the reference model's NLL (regime 'target')")
-    return RowSubset(model, ratio, ctx, _choose_reference_stratified)
+def reference_rows_builder(name: str, choose: Callable):
+    """Rows chosen on the host from the reference model's mean NLL per row (computed before training)."""
+    def build(model, ratio, ctx):
+        if ctx.reference_row_nll is None:
+            raise ValueError(f"{name} needs the reference model's NLL (regime 'target')")
+        return RowSubset(model, ratio, ctx, choose)
+    return build
 
 
 def build_oracle(model, ratio, ctx):
@@ -349,8 +364,11 @@ CONFIGS: Dict[str, Config] = {
                                           "runs on them alone: a quarter of its cost at seq 1024)", 256),
     "excess_stratified": Config(_require_reference(cggr_model_builder("stratified", "excess_loss")), True,
                                 ("target",), "CGGRModel: half the rows by the highest excess loss, the rest random"),
-    "reference_stratified": Config(build_reference_stratified, True, ("target",),
+    "reference_stratified": Config(reference_rows_builder("reference_stratified", _choose_reference_stratified),
+                                   True, ("target",),
                                    "half the rows by the lowest reference NLL (no router), the rest random"),
+    "reference_lowest": Config(reference_rows_builder("reference_lowest", _choose_reference_lowest), True,
+                               ("target",), "the rows with the lowest reference NLL (no threshold, no router)"),
     "reference_filter": Config(reference_filter_builder("heldout"), True, ("target",),
                                "CGGRModel reference_filter: rows the reference finds as easy as its held-out "
                                "clean documents first, random filler, no router"),
