@@ -12,8 +12,9 @@ One training step (``loss = cggr_model(input_ids, labels=labels, attention_mask=
    ``cggr.scoring.score``. Labels are shifted the way Hugging Face causal LMs shift them: position t
    predicts ``labels[t + 1]``; the last position has no target.
 2. Row selection: ``k = ceil(ratio * B)`` rows by a row policy (``hardest``, ``stratified``,
-   ``random``, ``importance``, ``reference_filter``; ``register_row_policy`` adds more). ``random`` and
-   ``reference_filter`` (rows a reference model finds in-domain first) need no router pass.
+   ``random``, ``importance``, ``reference_filter``, ``reference_ranked``; ``register_row_policy`` adds
+   more). ``random`` and the reference policies (rows a reference model finds in-domain first) need no
+   router pass.
 3. Full forward (+ the caller's backward) on those k rows only.
 
 Documented policies
@@ -192,6 +193,21 @@ def _select_reference_filter(row_reference, k, generator, threshold):
     return RowSelection(_ascending(torch.topk(keys, k, sorted=False).indices), None)
 
 
+def _select_reference_ranked(row_reference, k, generator, threshold):
+    """``reference_filter`` with its in-domain rows ranked: rows with mean reference NLL <= ``threshold``
+    first, the lowest first, then random rows of the rest. When more rows pass than are kept, the ones
+    left out are those the reference finds least in-domain (the likeliest false positives), not a random
+    subset of them.
+
+    Keys: ``1 + (threshold - nll)`` (>= 1) for in-domain rows, uniform in [0, 1) for the others. NaN means
+    (nothing scored) are not in-domain.
+    """
+    keys = torch.rand(row_reference.shape, generator=generator, device=row_reference.device)
+    in_domain = row_reference <= threshold
+    keys = torch.where(in_domain, 1.0 + (threshold - row_reference.to(keys.dtype)), keys)
+    return RowSelection(_ascending(torch.topk(keys, k, sorted=False).indices), None)
+
+
 def check_reference_threshold(threshold):
     """``reference_threshold``: None or a finite number; a float back."""
     if threshold is None:
@@ -207,7 +223,11 @@ ROW_POLICIES = {
     "random": RowPolicy(_select_random, False),
     "importance": RowPolicy(_select_importance, True, "batch"),
     "reference_filter": RowPolicy(_select_reference_filter, False, reference_rows=True),
+    "reference_ranked": RowPolicy(_select_reference_ranked, False, reference_rows=True),
 }
+
+# The built-in policies that compare each row's mean reference NLL with ``reference_threshold``.
+_THRESHOLD_SELECTS = (_select_reference_filter, _select_reference_ranked)
 
 
 def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False,
@@ -299,7 +319,8 @@ class CGGRModel(nn.Module):
             (``excess_loss`` needs ``reference_nll=[B, T-1]`` in the call, one value per shifted target).
         selection: ``'auto'`` (default, ``default_selection``: ``'hardest'`` with ``scoring='excess_loss'``,
             else ``'random'``) or a row policy name (``ROW_POLICIES``): hardest|stratified|random|importance|
-            reference_filter, or a registered one. ``importance``: k rows drawn with replacement from
+            reference_filter|reference_ranked, or a registered one. ``importance``: k rows drawn with
+            replacement from
             ``p = (1 - importance_mix) / B + importance_mix * softmax(row_score / importance_temperature)``
             and weighted ``1 / (k p)`` over the whole batch's token count: an unbiased estimate of the
             full batch's loss and gradient (``_select_importance``).
@@ -317,9 +338,11 @@ class CGGRModel(nn.Module):
             trunk then runs on those P positions alone, which for these causal models gives exactly the
             states of a full-length run there, at about P/T of the cost; a row's difficulty is the mean
             over its scored positions among them (combined with ``router_token_stride``: every s-th of them).
-        reference_threshold: with ``selection='reference_filter'`` (and only then; required): rows whose mean
-            ``reference_nll`` over their scored targets is at most this many nats are the reference's domain
-            and are taken first, in random order; random rows of the rest fill up to k. No router pass:
+        reference_threshold: with ``selection='reference_filter'`` or ``'reference_ranked'`` (and only
+            then; required): rows whose mean ``reference_nll`` over their scored targets is at most this
+            many nats are the reference's domain and are taken first, in random order
+            (``reference_filter``) or lowest mean first (``reference_ranked``); random rows of the rest
+            fill up to k. No router pass:
             the reference is the whole signal (``cggr.reference.domain_threshold`` picks the value from
             the reference's NLL on clean in-domain rows it did not train on).
         router_chunk_size: rows per chunk of the router's LM-head scoring (None: chunks of about
@@ -391,12 +414,13 @@ class CGGRModel(nn.Module):
         if select is _select_importance:
             select = functools.partial(select, mix=self.importance_mix, temperature=self.importance_temperature)
         self.reference_threshold = check_reference_threshold(reference_threshold)
-        if (select is _select_reference_filter) != (self.reference_threshold is not None):
-            raise ValueError("reference_threshold is needed by selection='reference_filter' and only by it "
+        if (select in _THRESHOLD_SELECTS) != (self.reference_threshold is not None):
+            raise ValueError("reference_threshold is needed by selection='reference_filter' or "
+                             "'reference_ranked' and only by them "
                              f"(selection={selection!r}, reference_threshold={reference_threshold!r}); "
                              "cggr.reference.domain_threshold computes one from the reference's NLL on held-out "
                              "in-domain rows")
-        if select is _select_reference_filter:
+        if select in _THRESHOLD_SELECTS:
             select = functools.partial(select, threshold=self.reference_threshold)
         self._select = select
         self.router_chunk_size = router_chunk_size
@@ -527,8 +551,9 @@ class CGGRModel(nn.Module):
         wants_reference = self.scoring == "excess_loss" or self.policy.reference_rows
         if (reference_nll is None) == wants_reference:
             raise ValueError("reference_nll is needed by scoring='excess_loss' or a reference row policy "
-                             f"(selection='reference_filter') and only by them (scoring={self.scoring!r}, "
-                             f"selection={self.selection!r}, reference_nll given: {reference_nll is not None})")
+                             "(selection='reference_filter', 'reference_ranked') and only by them "
+                             f"(scoring={self.scoring!r}, selection={self.selection!r}, reference_nll given: "
+                             f"{reference_nll is not None})")
         B, T = input_ids.shape
         if reference_nll is not None and (not isinstance(reference_nll, torch.Tensor)
                                           or tuple(reference_nll.shape) != (B, T - 1)):

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from cggr.bench import report
-from cggr.bench.configs import (Batch, StepContext, _choose_reference_lowest, _choose_reference_stratified,
-                                reference_filter_ranked_chooser)
+from cggr.bench.configs import Batch, StepContext, _choose_reference_lowest, _choose_reference_stratified
 from cggr.bench.runner import cache_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,24 +63,6 @@ def test_reference_lowest_takes_exactly_the_lowest_reference_rows(k):
     # ties keep the batch order (stable), so the choice is deterministic
     ctx_ties = StepContext(seed=0, reference_row_nll=np.zeros(100, dtype=np.float32))
     assert _choose_reference_lowest(_batch(host_index), k, np.random.default_rng(1), ctx_ties).tolist() == list(range(k))
-
-
-@pytest.mark.parametrize("k", [1, 2, 3, 6])
-def test_reference_filter_ranked_takes_passing_rows_lowest_first_then_random(k):
-    # batch rows 0..7 with mean reference NLL 5, 1, 7, 3, 2, 8, 6, 4; threshold 3.5: rows 1, 4, 3 pass
-    row_nll = np.array([5, 1, 7, 3, 2, 8, 6, 4], dtype=np.float32)
-    host_index = np.arange(8)
-    ctx = StepContext(seed=0, reference_row_nll=row_nll, reference_thresholds={"heldout": 3.5})
-    choose = reference_filter_ranked_chooser("heldout")
-    picked = choose(_batch(host_index), k, np.random.default_rng(0), ctx)
-    assert len(picked) == k and len(set(picked.tolist())) == k
-    assert picked[:min(k, 3)].tolist() == [1, 4, 3][:k]  # the passing rows, lowest first
-    if k > 3:  # the filler is random among the rows that did not pass
-        seen = set()
-        rng = np.random.default_rng(1)
-        for _ in range(200):
-            seen |= set(choose(_batch(host_index), k, rng, ctx)[3:].tolist())
-        assert seen == {0, 2, 5, 6, 7}
 
 
 def test_cache_lock_serialises_two_holders(tmp_path):

@@ -311,6 +311,47 @@ def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
     assert seen == (in_domain if len(in_domain) >= k else set(range(B)))
 
 
+def _ranked_reference(row_levels):
+    """Reference NLL whose mean over each row's scored targets is exactly ``row_levels[row]`` (constant per
+    row; padding and -100 targets get 100: never read). Row 5 has nothing scored (NaN mean)."""
+    ids, labels, mask = padded_batch()
+    reference = torch.tensor(row_levels, dtype=torch.float32)[:, None].expand(B, T - 1).clone()
+    valid = (labels[:, 1:] != -100) & mask[:, :-1].bool() & mask[:, 1:].bool()
+    return ids, labels, mask, torch.where(valid, reference, torch.full_like(reference, 100.0))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_reference_ranked_takes_in_domain_rows_lowest_first_then_random(k):
+    from cggr.model import reference_row_means
+
+    # row means 2.5, 0.5, 9, 1.5, 2.9, (row 5: nothing scored); threshold 3: rows 1, 3, 0, 4 pass, in that order
+    ids, labels, mask, reference = _ranked_reference([2.5, 0.5, 9.0, 1.5, 2.9, 0.1])
+    means = reference_row_means(reference, labels, mask)
+    torch.testing.assert_close(means[:5], torch.tensor([2.5, 0.5, 9.0, 1.5, 2.9]))
+    assert torch.isnan(means[5])
+    model = llama()
+    m = cggr_for(model, k, selection="reference_ranked", reference_threshold=3.0, seed=11)
+    assert m.router is None
+    ranked = [1, 3, 0, 4]
+    seen = set()
+    for _ in range(60):
+        with torch.no_grad():
+            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+        rows = m.selected_rows.tolist()
+        assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
+        assert set(ranked[:k]) <= set(rows)  # the lowest in-domain rows, whatever the draw
+        seen |= set(rows) - set(ranked)
+    # the filler (k = 5: one row) is random among the rows that did not pass: row 2 (mean 9) and row 5 (NaN)
+    assert seen == ({2, 5} if k > 4 else set())
+
+
+def test_reference_ranked_needs_its_threshold():
+    model = llama()
+    with pytest.raises(ValueError, match="reference_threshold is needed by selection='reference_filter' or "
+                                         "'reference_ranked'"):
+        cggr_for(model, 2, selection="reference_ranked")
+
+
 def test_reference_filter_loss_is_the_models_loss_on_its_rows():
     model = llama()
     ids, labels, mask, reference = _in_domain_reference({1, 4})

@@ -144,20 +144,6 @@ def _choose_reference_stratified(batch, k, rng, ctx):
     return np.concatenate([low, rng.permutation(rest)])[:k]
 
 
-def reference_filter_ranked_chooser(method: str):
-    """Rows under the reference's domain threshold (``ctx.reference_thresholds[method]``) first, the lowest
-    reference NLL first, then random rows of the rest: ``reference_filter`` with its in-domain rows ranked
-    instead of shuffled, so that when more rows pass than are kept, the false positives (the passing rows
-    the reference finds least in-domain) are the ones left out."""
-    def choose(batch, k, rng, ctx):
-        row_nll = ctx.reference_row_nll[batch.host_index]
-        order = _reference_order(batch, ctx)
-        passing = order[row_nll[order] <= ctx.reference_thresholds[method]]
-        rest = np.setdiff1d(np.arange(len(row_nll)), passing)
-        return np.concatenate([passing, rng.permutation(rest)])[:k]
-    return choose
-
-
 def _choose_reference_lowest(batch, k, rng, ctx):
     """The k rows with the lowest reference NLL: the reference's ranking alone, no threshold, no router.
     Unlike ``reference_filter`` (rows under a threshold in random order), a row the reference finds less
@@ -265,12 +251,11 @@ def build_random(model, ratio, ctx):
     return RowSubset(model, ratio, ctx, _choose_random)
 
 
-def reference_rows_builder(name: str, choose: Callable, needs_thresholds: bool = False):
+def reference_rows_builder(name: str, choose: Callable):
     """Rows chosen on the host from the reference model's mean NLL per row (computed before training)."""
     def build(model, ratio, ctx):
-        if ctx.reference_row_nll is None or (needs_thresholds and ctx.reference_thresholds is None):
-            raise ValueError(f"{name} needs the reference model's NLL{' and thresholds' if needs_thresholds else ''} "
-                             "(regime 'target')")
+        if ctx.reference_row_nll is None:
+            raise ValueError(f"{name} needs the reference model's NLL (regime 'target')")
         return RowSubset(model, ratio, ctx, choose)
     return build
 
@@ -297,9 +282,10 @@ def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_la
     return build
 
 
-def reference_filter_builder(method: str):
-    """CGGRModel ``selection='reference_filter'``: rows below the reference's domain threshold first, random
-    filler, no router. ``method``: ``'heldout'`` / ``'heldout99'`` (``cggr.reference.domain_threshold`` of the
+def reference_filter_builder(method: str, selection: str = "reference_filter"):
+    """CGGRModel ``selection='reference_filter'`` (or ``'reference_ranked'``: the passing rows lowest reference
+    NLL first instead of shuffled): rows below the reference's domain threshold first, random filler, no
+    router. ``method``: ``'heldout'`` / ``'heldout99'`` (``cggr.reference.domain_threshold`` of the
     reference's NLL on clean documents it never trained on, recall 0.95 / 0.99) or ``'otsu'``
     (``otsu_threshold`` of its NLL over the pool)."""
     def build(model, ratio, ctx):
@@ -308,7 +294,7 @@ def reference_filter_builder(method: str):
         if ctx.reference_thresholds is None:
             raise ValueError("reference_filter needs the reference model's thresholds (regime 'target')")
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
-                      selection="reference_filter", reference_threshold=ctx.reference_thresholds[method],
+                      selection=selection, reference_threshold=ctx.reference_thresholds[method],
                       seed=ctx.seed)
         return CGGRModelStep(m, ctx.reference_token_nll)
     return build
@@ -390,14 +376,11 @@ CONFIGS: Dict[str, Config] = {
     "reference_filter_r99": Config(reference_filter_builder("heldout99"), True, ("target",),
                                    "reference_filter with the held-out rows' 99th percentile as threshold "
                                    "(recall 0.99: more target rows pass, and more false positives)"),
-    "reference_filter_ranked": Config(reference_rows_builder("reference_filter_ranked",
-                                                             reference_filter_ranked_chooser("heldout"), True),
-                                      True, ("target",),
-                                      "reference_filter with the passing rows taken lowest reference NLL first "
-                                      "(host-side choice), then random filler"),
-    "reference_filter_r99_ranked": Config(reference_rows_builder("reference_filter_r99_ranked",
-                                                                 reference_filter_ranked_chooser("heldout99"), True),
-                                          True, ("target",), "reference_filter_ranked at held-out recall 0.99"),
+    "reference_filter_ranked": Config(reference_filter_builder("heldout", "reference_ranked"), True, ("target",),
+                                      "CGGRModel reference_ranked: reference_filter with the passing rows taken "
+                                      "lowest reference NLL first, then random filler"),
+    "reference_filter_r99_ranked": Config(reference_filter_builder("heldout99", "reference_ranked"), True,
+                                          ("target",), "reference_filter_ranked at held-out recall 0.99"),
     "reference_filter_otsu": Config(reference_filter_builder("otsu"), True, ("target",),
                                     "reference_filter with Otsu's split of the pool's reference NLL as threshold"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),

@@ -87,19 +87,24 @@ def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
     assert rows_ids.shape == (k, ids.shape[1])
 
 
-def test_reference_filter_selection_does_not_sync():
+@pytest.mark.parametrize("selection", ["reference_filter", "reference_ranked"])
+def test_reference_filter_selection_does_not_sync(selection):
     from cggr.model import reference_row_means
 
     model = llama()
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="reference_filter",
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection=selection,
                      reference_threshold=2.5)
     ids, labels = batch()
     reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device=ids.device)
     cggr(ids, labels=labels, reference_nll=reference)  # lazy initialisation may synchronise
     with no_sync():
         rows = cggr._select(reference_row_means(reference, labels, None), 4, cggr._generator(ids.device)).indices
-    rows, in_domain = set(rows.tolist()), set((reference.mean(1) <= 2.5).nonzero().flatten().tolist())
+    means = reference.mean(1)
+    rows, in_domain = set(rows.tolist()), set((means <= 2.5).nonzero().flatten().tolist())
     assert len(rows) == 4 and (rows <= in_domain if len(in_domain) >= 4 else in_domain <= rows)
+    if selection == "reference_ranked":  # the lowest in-domain means, whatever the draw
+        lowest = set(torch.argsort(means)[:min(4, len(in_domain))].tolist())
+        assert lowest <= rows
 
 
 @pytest.mark.parametrize("loss_impl", ["model", "fused"])
