@@ -108,6 +108,8 @@ class RowPolicy(NamedTuple):
     # True: ``select`` gets each row's mean reference NLL (``reference_row_means``; lower = closer to the
     # reference's own data) instead of router scores, and no router pass runs for it.
     reference_rows: bool = False
+    # True: ``select`` also takes ``threshold=`` (CGGRModel's ``reference_threshold``, required with it).
+    needs_threshold: bool = False
 
 
 def _ascending(indices):
@@ -222,12 +224,9 @@ ROW_POLICIES = {
     "stratified": RowPolicy(_select_stratified, True),
     "random": RowPolicy(_select_random, False),
     "importance": RowPolicy(_select_importance, True, "batch"),
-    "reference_filter": RowPolicy(_select_reference_filter, False, reference_rows=True),
-    "reference_ranked": RowPolicy(_select_reference_ranked, False, reference_rows=True),
+    "reference_filter": RowPolicy(_select_reference_filter, False, reference_rows=True, needs_threshold=True),
+    "reference_ranked": RowPolicy(_select_reference_ranked, False, reference_rows=True, needs_threshold=True),
 }
-
-# The built-in policies that compare each row's mean reference NLL with ``reference_threshold``.
-_THRESHOLD_SELECTS = (_select_reference_filter, _select_reference_ranked)
 
 
 def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False,
@@ -414,13 +413,13 @@ class CGGRModel(nn.Module):
         if select is _select_importance:
             select = functools.partial(select, mix=self.importance_mix, temperature=self.importance_temperature)
         self.reference_threshold = check_reference_threshold(reference_threshold)
-        if (select in _THRESHOLD_SELECTS) != (self.reference_threshold is not None):
+        if self.policy.needs_threshold != (self.reference_threshold is not None):
             raise ValueError("reference_threshold is needed by selection='reference_filter' or "
                              "'reference_ranked' and only by them "
                              f"(selection={selection!r}, reference_threshold={reference_threshold!r}); "
                              "cggr.reference.domain_threshold computes one from the reference's NLL on held-out "
                              "in-domain rows")
-        if select in _THRESHOLD_SELECTS:
+        if self.policy.needs_threshold:
             select = functools.partial(select, threshold=self.reference_threshold)
         self._select = select
         self.router_chunk_size = router_chunk_size

@@ -289,6 +289,16 @@ def _in_domain_reference(in_domain):
     return ids, labels, mask, torch.where(valid, reference, torch.full_like(reference, 100.0))
 
 
+def _selections(m, k, ids, labels, mask, reference, draws=60):
+    """The rows a reference policy picks in ``draws`` calls, as sets (each k distinct rows, ascending)."""
+    for _ in range(draws):
+        with torch.no_grad():
+            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+        rows = m.selected_rows.tolist()
+        assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
+        yield set(rows)
+
+
 @pytest.mark.parametrize("in_domain,k", [({0, 3}, 4), ({1, 2, 3, 4}, 2), ({2}, 1), (set(), 3)])
 def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
     model = llama()
@@ -296,16 +306,12 @@ def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
     m = cggr_for(model, k, selection="reference_filter", reference_threshold=3.0, seed=7)
     assert m.router is None  # no router pass: the reference is the whole signal
     seen = set()
-    for _ in range(60):
-        with torch.no_grad():
-            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        rows = m.selected_rows.tolist()
-        assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
+    for rows in _selections(m, k, ids, labels, mask, reference):
         if len(in_domain) >= k:
-            assert set(rows) <= in_domain
+            assert rows <= in_domain
         else:
-            assert in_domain <= set(rows)
-        seen |= set(rows)
+            assert in_domain <= rows
+        seen |= rows
     # the rest is random: over many draws every candidate row is picked (row 5 has nothing scored: NaN
     # mean, never in-domain, still a filler candidate)
     assert seen == (in_domain if len(in_domain) >= k else set(range(B)))
@@ -334,13 +340,9 @@ def test_reference_ranked_takes_in_domain_rows_lowest_first_then_random(k):
     assert m.router is None
     ranked = [1, 3, 0, 4]
     seen = set()
-    for _ in range(60):
-        with torch.no_grad():
-            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        rows = m.selected_rows.tolist()
-        assert len(rows) == k == len(set(rows)) and rows == sorted(rows)
-        assert set(ranked[:k]) <= set(rows)  # the lowest in-domain rows, whatever the draw
-        seen |= set(rows) - set(ranked)
+    for rows in _selections(m, k, ids, labels, mask, reference):
+        assert set(ranked[:k]) <= rows  # the lowest in-domain rows, whatever the draw
+        seen |= rows - set(ranked)
     # the filler (k = 5: one row) is random among the rows that did not pass: row 2 (mean 9) and row 5 (NaN)
     assert seen == ({2, 5} if k > 4 else set())
 
