@@ -5,6 +5,13 @@ the GPU makes the host idle while the GPU drains, so the span clock cannot overl
 the GPU's. On a GPU the steps after a warm-up run under `torch.cuda.set_sync_debug_mode("error")`, which
 raises at any synchronising call (`.item()`, `nonzero`, a device-to-host copy). On the CPU the same steps
 run without that check: it keeps the construction below honest (every configuration builds and trains).
+
+One synchronisation is not ours and is set aside: transformers 5.x, given no `attention_mask` and no
+cache, looks for packed sequences in `position_ids` and reads the answer on the host
+(`masking_utils.find_packed_sequence_indices`, `(...).all()`), once per model forward, in every
+configuration including `standard`. The first GPU run of this test found it (BENCHMARKS.md, seventh
+session). The test replaces that check with its answer for unpacked rows (None) and afterwards checks that
+every call got unpacked positions, so any synchronisation left is in cggr's code.
 """
 import os
 
@@ -34,9 +41,23 @@ def _context(device, rng):
                        num_sources=len(SOURCES), num_train_rows=ROWS)
 
 
+def _set_aside_the_packed_sequence_check(monkeypatch):
+    """Replace transformers' packed-sequence check by its answer for unpacked rows; the positions it was
+    given are returned for checking once the synchronisation check is off."""
+    from transformers import masking_utils
+    seen = []
+
+    def unpacked(position_ids):
+        seen.append(position_ids)
+        return None
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", unpacked)
+    return seen
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-def test_a_training_step_is_issued_without_a_host_sync(config, device):
+def test_a_training_step_is_issued_without_a_host_sync(config, device, monkeypatch):
     rng = np.random.default_rng(0)
     device = torch.device(device)
     rows = D.RowSet(rng.integers(0, 256, size=(ROWS, SEQ)).astype(np.int64),
@@ -50,6 +71,7 @@ def test_a_training_step_is_issued_without_a_host_sync(config, device):
     losses = []
     for idx in batches[:3]:  # warm-up: lazy initialisation (context, handles, kernel compilation) may sync
         losses.append(training_step(step_obj, _batch(rows, idx, device), optimizer, autocast, optim.grad_clip))
+    positions_seen = _set_aside_the_packed_sequence_check(monkeypatch)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -60,6 +82,9 @@ def test_a_training_step_is_issued_without_a_host_sync(config, device):
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
+    for position_ids in positions_seen:  # the replacement's answer held: every row counts 0 .. T-1
+        expected = torch.arange(position_ids.shape[-1], device=position_ids.device)
+        assert torch.equal(position_ids, expected.expand_as(position_ids)), position_ids
     values = torch.stack(losses).float().cpu()
     assert torch.isfinite(values).all(), values
     assert values.std() > 0  # the steps trained on different rows
