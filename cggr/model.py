@@ -230,11 +230,13 @@ ROW_POLICIES = {
 
 
 def register_row_policy(name: str, select, needs_scores: bool = True, overwrite: bool = False,
-                        loss_norm: str = "selected", reference_rows: bool = False):
+                        loss_norm: str = "selected", reference_rows: bool = False, needs_threshold: bool = False):
     """Extension point (importance sampling, excess-loss rows, ...): ``select`` as in ``RowPolicy``.
 
     A policy with ``needs_scores=False`` is called with the batch size ``B`` (an int) instead of scores;
-    one with ``reference_rows=True`` (and ``needs_scores=False``) with the rows' mean reference NLL.
+    one with ``reference_rows=True`` (and ``needs_scores=False``) with the rows' mean reference NLL; one
+    with ``needs_threshold=True`` also with ``threshold=`` (``CGGRModel``'s ``reference_threshold``, then
+    required).
     Returning ``row_weight`` switches the loss to the weighted form (module docstring, "Loss"), normalised
     as ``loss_norm`` says (``RowPolicy``).
     """
@@ -249,7 +251,7 @@ def register_row_policy(name: str, select, needs_scores: bool = True, overwrite:
         raise ValueError(f"row policy {name!r} already exists (pass overwrite=True to replace it)")
     if not callable(select):
         raise TypeError(f"row policy {name!r}: select must be callable, got {type(select).__name__}")
-    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores), loss_norm, bool(reference_rows))
+    ROW_POLICIES[name] = RowPolicy(select, bool(needs_scores), loss_norm, bool(reference_rows), bool(needs_threshold))
 
 
 def default_selection(scoring: str) -> str:

@@ -413,6 +413,31 @@ def test_registered_reference_policy_gets_row_means():
         ROW_POLICIES.pop("test_lowest_reference")
 
 
+def test_registered_policy_can_take_the_reference_threshold():
+    from cggr.model import RowSelection
+
+    got = {}
+
+    def under_threshold_first(row_reference, k, generator, threshold):
+        got["threshold"] = threshold
+        keys = torch.where(row_reference <= threshold, 1.0, 0.0) + torch.arange(row_reference.numel()) * 1e-3
+        return RowSelection(torch.sort(torch.topk(keys, k).indices).values, None)
+
+    register_row_policy("test_threshold", under_threshold_first, needs_scores=False, reference_rows=True,
+                        needs_threshold=True, overwrite=True)
+    try:
+        model = llama()
+        ids, labels, mask, reference = _in_domain_reference({0, 4})
+        with pytest.raises(ValueError, match="reference_threshold is needed"):
+            cggr_for(model, 2, selection="test_threshold")
+        m = cggr_for(model, 2, selection="test_threshold", reference_threshold=3.0)
+        with torch.no_grad():
+            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+        assert got["threshold"] == 3.0 and m.selected_rows.tolist() == [0, 4]
+    finally:
+        ROW_POLICIES.pop("test_threshold")
+
+
 def test_selected_rows_are_the_rows_that_carry_the_loss():
     """selected_rows names exactly the rows the loss is computed on; None once every row trains."""
     model = llama()
