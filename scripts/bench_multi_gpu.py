@@ -4,6 +4,8 @@ Each job is one line of the jobs file: a name, then `cggr bench` arguments (regi
 ratios, seeds, budget); the arguments after `--` on this command line are added to every job. A job
 writes to ROOT/jobs/NAME (so a job that ran earlier, in a previous call on the same machine, is reused
 by the bench itself), logs to ROOT/logs/NAME.log, and runs with CUDA_VISIBLE_DEVICES set to its GPU.
+A job whose bench ended with every run done gets ROOT/jobs/NAME/DONE (its arguments); a later call with
+the same arguments skips it without starting a process (each such start cost 5-7 s of a GPU's time).
 Jobs sharing --cache-dir share the finetune stage-1 checkpoints and reference models: the bench locks
 them, so the first job of a seed trains them and the others wait for it.
 
@@ -22,6 +24,7 @@ merges once after them (each merge replaces the folder).
 """
 import argparse
 import glob
+import json
 import os
 import queue
 import shlex
@@ -99,21 +102,30 @@ def main(argv=None):
                 name, args = work.get_nowait()
             except queue.Empty:
                 return
+            out = os.path.join(a.root, "jobs", name)
+            job_args = [*args, *common]
+            if finished_earlier(out, job_args):
+                with lock:
+                    results[name] = "done earlier"
+                continue
             left = deadline - time.monotonic()
             if left < 30:
                 with lock:
                     results[name] = "not started (wall)"
                 continue
-            out = os.path.join(a.root, "jobs", name)
-            cmd = [a.python, "-m", "cggr", "bench", *args, *common, "--out", out, "--max-wall", f"{left:.0f}"]
+            cmd = [a.python, "-m", "cggr", "bench", *job_args, "--out", out, "--max-wall", f"{left:.0f}"]
             if slices is not None:
                 cmd = ["taskset", "-c", ",".join(map(str, slices[int(gpu) % len(slices)]))] + cmd
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), PYTHONUNBUFFERED="1")
             start = time.monotonic()
-            with open(os.path.join(a.root, "logs", name + ".log"), "a") as log:
+            log_path = os.path.join(a.root, "logs", name + ".log")
+            with open(log_path, "a") as log:
                 log.write(f"$ CUDA_VISIBLE_DEVICES={gpu} {shlex.join(cmd)}\n")
                 log.flush()
+                this_run_from = log.tell()
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            if rc == 0 and last_line(log_path, this_run_from).startswith("done"):
+                mark_finished(out, job_args)
             with lock:
                 results[name] = f"gpu {gpu} exit {rc} in {time.monotonic() - start:.0f} s"
                 print(f"{name}: {results[name]}", flush=True)
@@ -128,7 +140,30 @@ def main(argv=None):
         merge(a, jobs)
     for name, _ in jobs:
         print(f"{name}: {results.get(name, 'not started')}")
-    return 0 if all(" exit 0 " in results.get(n, "") for n, _ in jobs) else 1
+    return 0 if all(" exit 0 " in results.get(n, "") or results.get(n) == "done earlier" for n, _ in jobs) else 1
+
+
+def last_line(path, start):
+    """The last non-empty line written to ``path`` from byte ``start`` on ('' if none)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def mark_finished(out, job_args):
+    # `cggr bench` ends with "done in N s" when no run is left, "INCOMPLETE: ..." otherwise
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "DONE"), "w") as f:
+        json.dump(job_args, f)
+
+
+def finished_earlier(out, job_args):
+    path = os.path.join(out, "DONE")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == job_args
 
 
 def cpu_slices(n):

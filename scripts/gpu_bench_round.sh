@@ -5,7 +5,8 @@
 # Usage: [BENCH_EXTRA=...] [CE_BENCH=0] bash scripts/gpu_bench_round.sh WALL_SECONDS MODE JOBS_FILE...
 #   MODE tests: GPU tests (then the selective-CE benchmark unless CE_BENCH=0) on GPU 0, the first jobs
 #   file on GPUs 1-3, the second on GPU 0 once its tests are done; MODE bench: all files on every GPU.
-# Runs left unfinished by the wall are picked up by the next round on the same (warm) machine.
+# Runs left unfinished by the wall are picked up by the next round on the same (warm) machine; finished
+# jobs are skipped there without starting a process (bench_multi_gpu.py, DONE).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 wall=${1:?WALL_SECONDS}; mode=${2:?MODE}; shift 2

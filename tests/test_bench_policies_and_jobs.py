@@ -225,3 +225,30 @@ def test_bf16_weights_runs_every_kind_of_step(tmp_path, regime, configs):
         assert run["settings"]["dtype"] == "bf16-weights" and run["param_dtype"] == "bfloat16"
         assert not run["diverged"]
         assert all(np.isfinite(v) for v in run["final_val"].values())
+
+
+def test_multi_gpu_runner_skips_jobs_whose_bench_finished(tmp_path):
+    """A job whose `cggr bench` said "done" is not started again with the same arguments; one that said
+    INCOMPLETE is, and so is a finished one whose arguments changed."""
+    record = tmp_path / "started.txt"
+    fake_python = tmp_path / "python"  # stands in for `python -m cggr bench ...`: records, then reports
+    fake_python.write_text(f"#!{sys.executable}\nimport sys\nwith open({str(record)!r}, 'a') as f:\n"
+                           "    f.write(sys.argv[sys.argv.index('--seeds') + 1] + '\\n')\n"
+                           "print('INCOMPLETE: 1 runs left' if '--left' in sys.argv else 'done in 0 s')\n")
+    fake_python.chmod(0o755)
+    jobs = tmp_path / "jobs.txt"
+
+    def call(lines):
+        jobs.write_text(lines)
+        record.write_text("")
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_multi_gpu.py"), "--gpus", "0",
+               "--root", str(tmp_path / "root"), "--jobs", str(jobs), "--wall", "600", "--python", str(fake_python),
+               "--no-merge"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return sorted(record.read_text().split()), done.stdout
+
+    assert call("a --seeds 0\nb --seeds 1 --left\n")[0] == ["0", "1"]
+    started, out = call("a --seeds 0\nb --seeds 1 --left\n")
+    assert started == ["1"] and "a: done earlier" in out
+    assert call("a --seeds 2\nb --seeds 1 --left\n")[0] == ["1", "2"]  # a's arguments changed
