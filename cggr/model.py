@@ -45,8 +45,12 @@ Documented policies
 
 Synchronisation: none in the router/selection path (scores, row indices and gathered rows stay on the
 device) unless ``dynamic_threshold=True`` or ``collect_timing=True``; ``get_metrics()`` reads device
-values and so synchronises when called. Hugging Face's own mask creation reads an all-ones check of a
-2-D ``attention_mask`` on the host (sdpa): pass ``attention_mask=None`` for unpadded batches.
+values and so synchronises when called. Hugging Face's own forward (transformers 5.x) synchronises once
+per call: given a 2-D ``attention_mask`` its mask creation reads an all-ones check on the host (sdpa);
+without one it checks ``position_ids`` for packed sequences on the host. ``forward_impl='trunk'`` runs the
+trained rows through the model's modules in the order of its forward (``cggr.router.ModelTrunk``) with
+the mask built without ``position_ids``: with ``attention_mask=None`` the whole step then issues no host
+synchronisation.
 """
 import functools
 import math
@@ -59,7 +63,7 @@ from torch import nn
 
 from . import ops
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
-from .router import SUPPORTED_ARCHITECTURES, TruncatedRouter, create_truncated_router
+from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create_truncated_router
 from .schedule import SCHEDULES, RatioSchedule, batch_confidence, check_ratio
 from .scoring import check_combined_weights, check_strategy, score
 
@@ -71,6 +75,11 @@ ROUTER_CHUNK_BYTES = 512 << 20
 STEP_KEY = "cggr_step"
 COMPILE_SCOPES = ("router", "model", "all")
 LOSS_IMPLS = ("model", "fused")
+FORWARD_IMPLS = ("model", "trunk")
+# What forward_impl='trunk' can honour besides input_ids / attention_mask / labels: the trunk's own inputs,
+# and the loss's (HF's loss_function takes num_items_in_batch).
+TRUNK_INPUTS = ("position_ids", "token_type_ids")
+TRUNK_LOSS_KWARGS = ("num_items_in_batch",)
 
 
 def _router_chunk_rows(n_tokens: int, vocab_size: int, itemsize: int) -> int:
@@ -359,6 +368,12 @@ class CGGRModel(nn.Module):
         token_ratio: with loss_impl='fused', train only the hardest ``ceil(token_ratio * n)`` valid tokens of
             the selected rows (``scoring`` on the full model's statistics, ``cggr.ops.select_topk``).
         loss_chunk_size: ``chunk_size`` of the fused path (None: cggr.linear's default).
+        forward_impl: how the selected rows' forward runs. 'model' (default): the model's own forward.
+            'trunk': the same modules in the same order through ``cggr.router.ModelTrunk`` (LM head and
+            ``model.loss_function`` applied here), whose mask is built without ``position_ids``, so that a
+            step with ``attention_mask=None`` issues no host synchronisation (the model's forward issues
+            one, see the module docstring). Router families only; extra inputs limited to
+            ``position_ids``, ``token_type_ids`` and ``num_items_in_batch``.
         collect_timing: measure ``router_time_share`` (router + selection time over the time from the
             start of ``forward`` to ``step()``); costs one synchronisation in ``step()``.
     """
@@ -373,7 +388,8 @@ class CGGRModel(nn.Module):
                  collect_timing: bool = False, loss_impl: str = "model", token_ratio: float = 1.0,
                  loss_chunk_size: Optional[int] = None, importance_mix: float = 0.9,
                  importance_temperature: float = 1.0, router_token_stride: Optional[int] = None,
-                 reference_threshold: Optional[float] = None, router_max_positions: Optional[int] = None):
+                 reference_threshold: Optional[float] = None, router_max_positions: Optional[int] = None,
+                 forward_impl: str = "model"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -392,6 +408,11 @@ class CGGRModel(nn.Module):
             # The fused path applies get_output_embeddings() to base_model's output itself: only for the
             # families whose forward does exactly that (no logit scaling or soft-capping in between).
             raise TypeError(f"loss_impl='fused': unsupported architecture {type(model).__name__}; looked for "
+                            f"one of {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if forward_impl not in FORWARD_IMPLS:
+            raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
+        if forward_impl == "trunk" and type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+            raise TypeError(f"forward_impl='trunk': unsupported architecture {type(model).__name__}; looked for "
                             f"one of {', '.join(SUPPORTED_ARCHITECTURES)}")
         check_ratio("token_ratio", token_ratio)
         if token_ratio < 1.0 and loss_impl != "fused":
@@ -434,6 +455,7 @@ class CGGRModel(nn.Module):
         self.collect_timing = bool(collect_timing)
         self.compile_scope = compile
         self.loss_impl = loss_impl
+        self.forward_impl = forward_impl
         self.token_ratio = float(token_ratio)
         self.loss_chunk_size = loss_chunk_size
 
@@ -453,7 +475,11 @@ class CGGRModel(nn.Module):
         options = dict(compile_options or {})
         trunk = router.trunk if router is not None else None
         # 'fused' runs the base model (hidden states) and cggr.linear's LM head + CE; 'model' the whole model.
-        forward_model = model.base_model if loss_impl == "fused" else model
+        # forward_impl='trunk': the model's hidden states come from ModelTrunk instead (head and loss here).
+        if forward_impl == "trunk":
+            forward_model = ModelTrunk(model).__call__  # a bound method: what torch.compile takes
+        else:
+            forward_model = model.base_model if loss_impl == "fused" else model
         if compile in ("router", "all") and trunk is not None:
             trunk = torch.compile(trunk, **options)
         if compile in ("model", "all"):
@@ -618,12 +644,10 @@ class CGGRModel(nn.Module):
                 loss = loss * (rows_selected_tokens.clamp_min(1).to(loss.dtype)
                                / n_norm.clamp_min(1).to(loss.dtype))
         elif row_weight is not None:
-            out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, **rows_kwargs)
-            loss = self._weighted_loss(out.logits, rows_labels, row_weight, n_norm)
+            logits = self._rows_logits(rows_ids, rows_mask, rows_kwargs)
+            loss = self._weighted_loss(logits, rows_labels, row_weight, n_norm)
         else:
-            out = self._forward_model(input_ids=rows_ids, attention_mask=rows_mask, labels=rows_labels,
-                                      **rows_kwargs)
-            loss = out.loss
+            loss = self._rows_model_loss(rows_ids, rows_labels, rows_mask, rows_kwargs)
 
         self._last = {
             "ratio": ratio,
@@ -701,8 +725,7 @@ class CGGRModel(nn.Module):
         full model's own statistics and ``scoring``) carry loss and gradient. No host sync.
         """
         k, T = ids.shape
-        out = self._forward_model(input_ids=ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state
+        hidden = self._rows_hidden(ids, attention_mask, kwargs)
         head = self.model.get_output_embeddings()
         weight, bias = head.weight, head.bias
         if weight.dtype != hidden.dtype:
@@ -734,6 +757,36 @@ class CGGRModel(nn.Module):
                                                   # CUDA), the selected count bounded on the host
                                                   validate_targets=False, max_selected=max_selected)
         return loss, (mask & (targets != IGNORE_INDEX)).sum()
+
+    # -- the selected rows' forward: the model's own, or ModelTrunk (forward_impl='trunk') ------------------
+    def _trunk_inputs(self, kwargs):
+        unsupported = sorted(set(kwargs) - set(TRUNK_INPUTS) - set(TRUNK_LOSS_KWARGS))
+        if unsupported:
+            raise ValueError(f"forward_impl='trunk' runs the model's modules itself and takes only "
+                             f"{', '.join(TRUNK_INPUTS + TRUNK_LOSS_KWARGS)} besides input_ids, attention_mask "
+                             f"and labels; got {', '.join(unsupported)} (use forward_impl='model')")
+        return kwargs.get("position_ids"), kwargs.get("token_type_ids")
+
+    def _rows_hidden(self, ids, attention_mask, kwargs):
+        """Hidden states after the final norm (loss_impl='fused')."""
+        if self.forward_impl == "trunk":
+            return self._forward_model(ids, attention_mask, *self._trunk_inputs(kwargs))
+        return self._forward_model(input_ids=ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+    def _rows_logits(self, ids, attention_mask, kwargs):
+        if self.forward_impl == "trunk":
+            return self.model.get_output_embeddings()(self._rows_hidden(ids, attention_mask, kwargs))
+        return self._forward_model(input_ids=ids, attention_mask=attention_mask, **kwargs).logits
+
+    def _rows_model_loss(self, ids, labels, attention_mask, kwargs):
+        """The model's own ``labels=`` loss on these rows."""
+        if self.forward_impl == "trunk":
+            logits = self._rows_logits(ids, attention_mask, kwargs)
+            loss_kwargs = {name: kwargs[name] for name in TRUNK_LOSS_KWARGS if name in kwargs}
+            # What the supported families' forwards do with labels (HF ForCausalLMLoss: float32, shifted).
+            return self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size,
+                                            **loss_kwargs)
+        return self._forward_model(input_ids=ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
 
     @staticmethod
     def _weighted_loss(logits, labels, row_weight, n_norm=None):

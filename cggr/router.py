@@ -170,7 +170,8 @@ class _GPT2Adapter(_Adapter):
         return len(self.base.h)
 
     def modules(self):
-        return [self.base.wte, self.base.wpe, *self.base.h[: self.num_layers], self.base.ln_f, self.head()]
+        return [self.base.wte, self.base.wpe, self.base.drop, *self.base.h[: self.num_layers], self.base.ln_f,
+                self.head()]
 
     def trunk(self, input_ids, attention_mask, position_ids, token_type_ids):
         inputs_embeds = self.base.wte(input_ids)
@@ -181,6 +182,7 @@ class _GPT2Adapter(_Adapter):
         hidden = inputs_embeds + self.base.wpe(position_ids)
         if token_type_ids is not None:
             hidden = hidden + self.base.wte(token_type_ids)
+        hidden = self.base.drop(hidden)  # a no-op in eval mode (scoring), as in the model's forward in training
         for block in self.base.h[: self.num_layers]:
             hidden = block(hidden, attention_mask=mask, position_ids=position_ids)
         return self.base.ln_f(hidden)
@@ -200,16 +202,17 @@ class _GPTNeoXAdapter(_Adapter):
         return len(self.base.layers)
 
     def modules(self):
-        return [self.base.embed_in, self.base.rotary_emb, *self.base.layers[: self.num_layers],
-                self.base.final_layer_norm, self.head()]
+        return [self.base.embed_in, self.base.emb_dropout, self.base.rotary_emb,
+                *self.base.layers[: self.num_layers], self.base.final_layer_norm, self.head()]
 
     def trunk(self, input_ids, attention_mask, position_ids, token_type_ids):
         if token_type_ids is not None:
             raise ValueError(f"{type(self.model).__name__} takes no token_type_ids")
-        hidden = self.base.embed_in(input_ids)
-        mask = self.mask_calls["full_attention"](self.config, hidden, attention_mask, position_ids)
+        inputs_embeds = self.base.embed_in(input_ids)
+        mask = self.mask_calls["full_attention"](self.config, inputs_embeds, attention_mask, position_ids)
         if position_ids is None:
-            position_ids = _default_position_ids(hidden)
+            position_ids = _default_position_ids(inputs_embeds)
+        hidden = self.base.emb_dropout(inputs_embeds)  # a no-op in eval mode, as in the model's forward
         position_embeddings = self.base.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.base.layers[: self.num_layers]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
@@ -310,6 +313,34 @@ class TruncatedRouter(nn.Module):
 
     def extra_repr(self):
         return f"{type(self.model).__name__}, num_layers={self.num_layers}, deterministic={self.deterministic}"
+
+
+class ModelTrunk:
+    """The whole model's hidden states after the final norm, through the router's adapter at full depth.
+
+    ``trunk(input_ids, attention_mask=None, position_ids=None, token_type_ids=None) -> [B, T, H]``: the
+    model's own modules in the order of its forward (embedding dropout and the blocks follow their
+    train/eval mode, as there), so that ``lm_head(trunk(...))`` is the model's logits. The difference is
+    the mask call: it gets the caller's ``position_ids`` (None by default) where the model's forward
+    passes 0 .. T-1, which in transformers 5.x makes the mask helper check for packed sequences and read
+    the answer on the host. Without ``attention_mask`` this trunk therefore issues no host
+    synchronisation. ``CGGRModel(forward_impl='trunk')`` trains through it.
+    """
+
+    def __init__(self, model):
+        adapter_cls = _ADAPTERS.get(type(model).__name__)
+        if adapter_cls is None:
+            raise TypeError(f"ModelTrunk: unsupported architecture {type(model).__name__}; looked for one of "
+                            f"{', '.join(SUPPORTED_ARCHITECTURES)} (exact class name)")
+        depth = adapter_cls(model, 1).depth()
+        self.adapter = adapter_cls(model, depth)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None):
+        return self.adapter.trunk(input_ids, attention_mask, position_ids, token_type_ids)
+
+    def head(self):
+        """The model's LM head (an ``nn.Linear``)."""
+        return self.adapter.head()
 
 
 def create_truncated_router(model, num_layers: int = 4, deterministic: bool = True) -> TruncatedRouter:

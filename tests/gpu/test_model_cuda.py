@@ -5,6 +5,7 @@
 - the router + scoring + row selection path does not synchronise (torch.cuda.set_sync_debug_mode("error"));
 - compiled (compile='all') steps, 'model' and 'fused' loss: same loss as eager and no synchronisation at
   all in forward + backward;
+- forward_impl='trunk': a whole eager step without synchronisation, the same loss as the model's forward;
 - logit lens and ratio-1.0 equality in bf16 on the GPU.
 Small Llama / GPT-2 configs (a few hundred MB at most).
 """
@@ -129,6 +130,30 @@ def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
     torch.cuda.synchronize()
     assert torch.isfinite(loss)
     assert compiled_model.model.layers[-1].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+@pytest.mark.parametrize("loss_impl", ["model", "fused"])
+def test_trunk_forward_trains_without_a_host_sync(make, loss_impl):
+    """forward_impl='trunk' with attention_mask=None: router, selection, the selected rows' forward and the
+    backward issue no host synchronisation, eagerly (the model's own eager forward issues one:
+    transformers' packed-sequence check of position_ids), and the loss is the 'model' forward's."""
+    ids, labels = batch()
+    losses = {}
+    for forward_impl in ("model", "trunk"):
+        model = make()
+        cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2,
+                         loss_impl=loss_impl, forward_impl=forward_impl)
+        cggr(ids, labels=labels).backward()  # lazy initialisation (handles, Triton compilation) may synchronise
+        model.zero_grad(set_to_none=True)
+        if forward_impl == "trunk":
+            with no_sync():
+                loss = cggr(ids, labels=labels)
+                loss.backward()
+        else:
+            loss = cggr(ids, labels=labels)
+        losses[forward_impl] = loss.detach().float()
+    torch.testing.assert_close(losses["trunk"], losses["model"], rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("make", [llama, gpt2])
