@@ -332,6 +332,27 @@ def test_span_clock_trains_exactly_what_the_step_clock_trains(tmp_path, cache_di
     assert times[-1] == run["train_time"] and run["curve"][-1]["step"] == run["steps"]
 
 
+def test_forward_impl_trunk_trains_what_the_model_forward_trains(tmp_path, cache_dir):
+    """--forward-impl trunk runs the same modules and loss without the model's forward: with a token budget
+    every configuration kind (whole batch, host-chosen rows, CGGRModel, CGGRLoss) trains the same steps to
+    the same losses; the setting is part of the settings hash and named in the report."""
+    outs = {}
+    for impl in ("model", "trunk"):
+        outs[impl] = str(tmp_path / impl)
+        assert main(["bench", "--configs", "standard", "random", "cggr_hardest", "cggr_loss", "--ratios", "0.5",
+                     "--forward-impl", impl, "--out", outs[impl], "--cache-dir", cache_dir] + TINY) == 0
+    model_runs, trunk_runs = ({(r["config"], r["ratio"]): r for r in _runs(outs[i])} for i in ("model", "trunk"))
+    assert model_runs.keys() == trunk_runs.keys() and len(model_runs) == 4
+    for key, a in model_runs.items():
+        b = trunk_runs[key]
+        assert a["steps"] == b["steps"], key
+        for point_a, point_b in zip(a["curve"], b["curve"], strict=True):
+            assert point_b["val"] == pytest.approx(point_a["val"], rel=1e-4), key
+        assert "forward_impl" not in a["settings"] and b["settings"]["forward_impl"] == "trunk"
+        assert a["settings_hash"] != b["settings_hash"]
+    assert "--forward-impl trunk" in open(os.path.join(outs["trunk"], "summary.md")).read()
+
+
 def test_train_rejects_an_unknown_clock():
     from cggr.bench.train import train
 

@@ -93,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="step: a device synchronisation around every timed step (each step timed from an idle "
                         "GPU); span: synchronise only at evaluations, so the host issues the next step while "
                         "the GPU runs this one, as a loop that does not read its loss every step")
+    g.add_argument("--forward-impl", choices=("model", "trunk"), default="model",
+                   help="how every training of the bench runs the model (standard and selective alike): model = "
+                        "its own forward (transformers checks position_ids for packed sequences on the host, a "
+                        "synchronisation per call); trunk = the same modules through cggr.router.ModelTrunk "
+                        "(CGGRModel forward_impl='trunk'), without it")
     g.add_argument("--untimed-warmup-steps", type=int, default=2,
                    help="steps on a throw-away copy before each timed run")
 
@@ -179,7 +184,7 @@ def settings_from_args(args, parser, log):
             finetune_source=args.finetune_source, target_source=args.target_source,
             reference_preset=args.reference_preset, reference_frac=args.reference_frac,
             reference_holdout_frac=args.reference_holdout_frac,
-            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, clock=args.clock, out=args.out,
+            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, clock=args.clock, forward_impl=args.forward_impl, out=args.out,
             cache_dir=args.cache_dir)
     return settings, corpus
 

@@ -51,6 +51,7 @@ class StepContext:
     reference_thresholds: Optional[Dict[str, float]] = None  # domain thresholds of reference_filter, by method
     num_sources: int = 0      # source ids are in [0, num_sources) (running per-source baselines)
     num_train_rows: int = 0   # Batch.index is in [0, num_train_rows) (running per-row baselines)
+    forward_impl: str = "model"  # CGGRModel's forward_impl, for every configuration alike (FORWARD_IMPLS)
 
 
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
@@ -58,9 +59,25 @@ def rows_for_ratio(ratio: float, batch_size: int) -> int:
     return min(batch_size, max(1, math.ceil(ratio * batch_size - 1e-9)))
 
 
-def causal_lm_loss(model, rows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over the rows, the model's own ``labels=`` path (float32 loss)."""
-    return model(input_ids=rows, labels=rows).loss
+def model_trunk(model, ctx: StepContext):
+    """``cggr.router.ModelTrunk`` of the model with ``forward_impl='trunk'``, else None (the model's forward)."""
+    if ctx.forward_impl == "model":
+        return None
+    if ctx.forward_impl != "trunk":
+        raise ValueError(f"forward_impl must be 'model' or 'trunk', got {ctx.forward_impl!r}")
+    from cggr.router import ModelTrunk
+
+    return ModelTrunk(model)
+
+
+def causal_lm_loss(model, rows: torch.Tensor, trunk=None) -> torch.Tensor:
+    """Mean next-token cross entropy over the rows, the model's own ``labels=`` path (float32 loss); with a
+    ``ModelTrunk``, the same modules and loss function without the model's forward (as CGGRModel's
+    ``forward_impl='trunk'``: no host synchronisation)."""
+    if trunk is None:
+        return model(input_ids=rows, labels=rows).loss
+    logits = trunk.head()(trunk(rows))
+    return model.loss_function(logits=logits, labels=rows, vocab_size=model.config.vocab_size)
 
 
 class Step:
@@ -83,8 +100,12 @@ class Step:
 
 
 class FullBatch(Step):
+    def __init__(self, model, trunk=None):
+        super().__init__(model)
+        self.trunk = trunk
+
     def loss(self, batch):
-        return causal_lm_loss(self.module, batch.rows)
+        return causal_lm_loss(self.module, batch.rows, self.trunk)
 
 
 class RowSubset(Step):
@@ -97,6 +118,7 @@ class RowSubset(Step):
         self.schedule = RatioSchedule(ratio, ctx.selection_warmup_steps, "linear", dynamic_threshold=False)
         self.choose = choose
         self.ctx = ctx
+        self.trunk = model_trunk(model, ctx)
         self.rng = np.random.default_rng([ctx.seed, 0xC0FFEE])  # independent of the data-order stream
         self.steps = 0
         self.last_k = None
@@ -107,7 +129,7 @@ class RowSubset(Step):
         picked = np.sort(np.asarray(self.choose(batch, k, self.rng, self.ctx), dtype=np.int64))
         self.last_k, self.last_picked = k, picked
         rows = batch.rows.index_select(0, to_device(picked, batch.rows.device))
-        return causal_lm_loss(self.module, rows)
+        return causal_lm_loss(self.module, rows, self.trunk)
 
     def after_step(self):
         self.steps += 1
@@ -211,7 +233,8 @@ def running_baseline_builder(per: str):
                              f"(num_sources / num_train_rows), got {num_keys}")
         # the router as in every other bench configuration: --router-layers deep, every position scored
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection="hardest",
-                      router_layers=ctx.router_layers, router_token_stride=1, seed=ctx.seed, scoring="excess_loss")
+                      router_layers=ctx.router_layers, router_token_stride=1, seed=ctx.seed, scoring="excess_loss",
+                      forward_impl=ctx.forward_impl)
         device = next(model.parameters()).device
         return RunningBaselineStep(m, RunningBaseline(num_keys, momentum=0.9, device=device), key)
     return build
@@ -220,15 +243,19 @@ def running_baseline_builder(per: str):
 class CGGRLossStep(Step):
     """Full forward of the decoder; the LM head and loss go through ``CGGRLoss.forward_linear`` (token level)."""
 
-    def __init__(self, model, criterion, reference: Optional[torch.Tensor] = None):
+    def __init__(self, model, criterion, reference: Optional[torch.Tensor] = None, trunk=None):
         super().__init__(model)
+        self.trunk = trunk
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise TypeError(f"cggr_loss needs an nn.Linear LM head, got {type(head).__name__}")
         self.criterion, self.head, self.reference = criterion, head, reference
 
     def loss(self, batch):
-        hidden = self.module.get_decoder()(input_ids=batch.rows).last_hidden_state
+        if self.trunk is not None:
+            hidden = self.trunk(batch.rows)
+        else:
+            hidden = self.module.get_decoder()(input_ids=batch.rows).last_hidden_state
         kwargs = {}
         if self.reference is not None:
             kwargs["reference_nll"] = self.reference.index_select(0, batch.index).float()
@@ -244,7 +271,7 @@ class CGGRLossStep(Step):
 
 # -- builders: one per configuration ------------------------------------------------------------
 def build_standard(model, ratio, ctx):
-    return FullBatch(model)
+    return FullBatch(model, model_trunk(model, ctx))
 
 
 def build_random(model, ratio, ctx):
@@ -277,7 +304,8 @@ def cggr_model_builder(policy: str, scoring: Optional[str] = None, max_router_la
         kwargs = {} if scoring is None else {"scoring": scoring}
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps, selection=policy,
                       router_layers=router_depth(ctx, max_router_layers), router_token_stride=router_token_stride,
-                      router_max_positions=router_max_positions, seed=ctx.seed, **kwargs)
+                      router_max_positions=router_max_positions, seed=ctx.seed, forward_impl=ctx.forward_impl,
+                      **kwargs)
         return CGGRModelStep(m, ctx.reference_token_nll if scoring == "excess_loss" else None)
     return build
 
@@ -295,7 +323,7 @@ def reference_filter_builder(method: str, selection: str = "reference_filter"):
             raise ValueError("reference_filter needs the reference model's thresholds (regime 'target')")
         m = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
                       selection=selection, reference_threshold=ctx.reference_thresholds[method],
-                      seed=ctx.seed)
+                      seed=ctx.seed, forward_impl=ctx.forward_impl)
         return CGGRModelStep(m, ctx.reference_token_nll)
     return build
 
@@ -313,7 +341,8 @@ def cggr_loss_builder(scoring: Optional[str] = None):
         # are in range by construction (the vocabulary is checked once), so no per-step validation sync.
         criterion = CGGRLoss(selection="topk", min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
                              dynamic_threshold=False, seed=ctx.seed, validate_targets=False, **kwargs)
-        return CGGRLossStep(model, criterion, ctx.reference_token_nll if scoring == "excess_loss" else None)
+        return CGGRLossStep(model, criterion, ctx.reference_token_nll if scoring == "excess_loss" else None,
+                            model_trunk(model, ctx))
     return build
 
 

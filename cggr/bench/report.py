@@ -158,6 +158,10 @@ def clock_note(clock) -> str:
     return ", timed per span between evaluations (--clock span)" if clock == "span" else ""
 
 
+def forward_note(forward_impl) -> str:
+    return ", the model run through ModelTrunk (--forward-impl trunk)" if forward_impl == "trunk" else ""
+
+
 def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
     lines = []
     for regime, rows in summary.items():
@@ -171,7 +175,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
                   f"Headline: validation loss of **{primary}**. Model {st.get('model_path') or st['model_preset']}, "
                   f"seq {st['seq_len']}, batch {st['batch_size']}, {st['budget_kind']} budget {st['budget']:g} "
                   f"{'s' if st['budget_kind'] == 'time' else 'tokens'} per configuration, lr {st['lr']:g}, "
-                  f"{st['dtype']}{compile_note(st.get('compile'))}{clock_note(st.get('clock'))} on {first['device']}.", "",
+                  f"{st['dtype']}{compile_note(st.get('compile'))}{clock_note(st.get('clock'))}{forward_note(st.get('forward_impl'))} on {first['device']}.", "",
                   "| config | ratio | val | test | time to std (s) | tokens to std (M) | reached | speed-up | "
                   f"tok/s | step ms | {extra_name} |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

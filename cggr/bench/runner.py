@@ -73,6 +73,7 @@ class Settings:
     untimed_warmup_steps: int = 2
     compile: Optional[str] = None  # a mode of models.COMPILE_MODES: every training of the bench (runs, stage 1, reference)
     clock: str = "step"  # train.CLOCKS: a synchronisation around every step, or only at evaluations ("span")
+    forward_impl: str = "model"  # cggr.model.FORWARD_IMPLS: how every training of the bench runs the model
     out: str = "bench_out"
     cache_dir: str = "bench_cache"  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 
@@ -90,6 +91,8 @@ class Settings:
             fields.pop("compile")  # absent when off, so settings hashes from before the option still match
         if self.clock == "step":
             fields.pop("clock")  # likewise for the default clock
+        if self.forward_impl == "model":
+            fields.pop("forward_impl")  # and the model's own forward
         fields["corpus"] = os.path.basename(corpus_path)  # the token file name carries the content hash
         return fields
 
@@ -218,8 +221,8 @@ class Bench:
         check_vocab(model, c.vocab_size)
         self.log(f"finetune: stage 1, standard recipe on {others}, {self.s.budget_kind} budget "
                  f"{self._sub_budget(self.s.init_budget).amount:g}")
-        result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
-                       self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
+        result = train(model, get_config("standard").build, None, StepContext(seed, forward_impl=self.s.forward_impl),
+                       rows, self.val, self._sub_budget(self.s.init_budget), self.optim, self.s.batch_size, self.device,
                        self.autocast, self.s.untimed_warmup_steps, label=f"stage1 s{seed}", log=self.log,
                        compile_blocks=self.s.compile, clock=self.s.clock)
         tmp = path + ".tmp"
@@ -278,8 +281,8 @@ class Bench:
             model = build_preset(s.reference_preset, c.vocab_size, self.row_len, seed, c.eot_id).to(
                 self.device, self.weights_dtype)
             self.log(f"target: reference model ({s.reference_preset}) on {len(rows)} clean rows of {s.target_source}")
-            result = train(model, get_config("standard").build, None, StepContext(seed), rows, self.val,
-                           self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
+            result = train(model, get_config("standard").build, None, StepContext(seed, forward_impl=s.forward_impl),
+                           rows, self.val, self._sub_budget(s.reference_budget), self.optim, s.batch_size, self.device,
                            self.autocast, s.untimed_warmup_steps, label=f"reference s{seed}", log=self.log,
                            compile_blocks=s.compile, clock=s.clock)
             nll = self._pool_nll(model)
@@ -384,7 +387,8 @@ class Bench:
         check_vocab(model, self.corpus.vocab_size)
         ctx = StepContext(seed=seed, selection_warmup_steps=s.selection_warmup_steps,
                           router_layers=min(s.router_layers, model.config.num_hidden_layers - 1),
-                          num_sources=len(self.corpus.sources), num_train_rows=len(self.train_rows))
+                          num_sources=len(self.corpus.sources), num_train_rows=len(self.train_rows),
+                          forward_impl=s.forward_impl)
         if self.s.regime == "target":
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]
