@@ -1,10 +1,11 @@
 """Where a `cggr bench` training step spends its time: each phase of the loop bracketed by device syncs.
 
     python -m benchmarks.bench_loop_phases [--configs standard random cggr_hardest excess_lean ...]
-        [--compile none blocks blocks-cudagraphs]
+        [--compile none blocks blocks-cudagraphs] [--forward-impl model trunk]
         [--dtype bf16 bf16-weights] [--steps 20] [--out DIR]
 
-For each (configuration, compile, dtype): SmolLM-135M shape from config, random tokens (timing does not
+For each (configuration, compile, forward impl, dtype; the forward impl is the bench's `--forward-impl`:
+the model's own forward, or `cggr.router.ModelTrunk`, which has no host synchronisation): SmolLM-135M shape from config, random tokens (timing does not
 depend on the text; the target-regime configurations get a random reference NLL), the bench's own step objects, optimizer and clipping (cggr.bench.train), then
 ``--steps`` steps in which the batch copy, the loss (forward), backward, gradient clipping and the
 optimizer step + zero_grad are each timed twice: host time to issue the phase, and wall time to its
@@ -52,13 +53,13 @@ def target_context(ctx, rows, seq_len, device, rng):
     return ctx
 
 
-def run(config, compile_mode, dtype, args, device):
+def run(config, compile_mode, forward_impl, dtype, args, device):
     model = build_preset(args.preset, 50257, args.seq_len + 1, 0, 50256).to(device, weights_dtype(dtype)).train()
     rng = np.random.default_rng(0)
     n_rows = args.batch_size * 8
     rows = RowSet(rng.integers(0, 50257, (n_rows, args.seq_len + 1)), rng.integers(0, 2, n_rows), ["target", "other"])
-    ctx = target_context(StepContext(seed=0, router_layers=min(4, model.config.num_hidden_layers - 1)), rows,
-                         args.seq_len, device, rng)
+    ctx = target_context(StepContext(seed=0, router_layers=min(4, model.config.num_hidden_layers - 1),
+                                     forward_impl=forward_impl), rows, args.seq_len, device, rng)
     build = get_config(config).build
     autocast = autocast_for(device, dtype)
     if compile_mode != "none":
@@ -119,7 +120,7 @@ def run(config, compile_mode, dtype, args, device):
         training_step(step_obj, _batch(rows, idx, device), optimizer, autocast, 1.0)
     sync(device)
     span_step_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-    row = {"config": config, "compile": compile_mode, "dtype": dtype,
+    row = {"config": config, "compile": compile_mode, "forward_impl": forward_impl, "dtype": dtype,
            "free_step_ms": statistics.median(f[1] for f in free), "free_host_ms": statistics.median(f[0] for f in free),
            "span_step_ms": span_step_ms, "phased_step_ms": statistics.median(totals)}
     for p in PHASES:
@@ -143,6 +144,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=["standard", "random", "cggr_hardest"])
     p.add_argument("--compile", nargs="+", default=["none", "blocks"], choices=["none", "blocks", "blocks-cudagraphs"])
+    p.add_argument("--forward-impl", nargs="+", default=["model"], choices=["model", "trunk"])
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "bf16-weights"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -155,18 +157,20 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     rows = []
-    print("| config | compile | dtype | free step ms | free host ms | span step ms | " + " | ".join(f"{p} host/wall" for p in PHASES) + " |")
+    print("| config | compile | forward | dtype | free step ms | free host ms | span step ms | " + " | ".join(f"{p} host/wall" for p in PHASES) + " |")
     for dtype in args.dtype:
         for compile_mode in args.compile:
-            for config in args.configs:
-                r = run(config, compile_mode, dtype, args, device)
-                rows.append(r)
-                print(f"| {config} | {compile_mode} | {dtype} | {r['free_step_ms']:.1f} | {r['free_host_ms']:.1f} | "
-                      f"{r['span_step_ms']:.1f} | "
-                      + " | ".join(f"{r[p + '_host_ms']:.1f}/{r[p + '_wall_ms']:.1f}" for p in PHASES) + " |", flush=True)
+            for forward_impl in args.forward_impl:
+                for config in args.configs:
+                    r = run(config, compile_mode, forward_impl, dtype, args, device)
+                    rows.append(r)
+                    print(f"| {config} | {compile_mode} | {forward_impl} | {dtype} | {r['free_step_ms']:.1f} | {r['free_host_ms']:.1f} | "
+                          f"{r['span_step_ms']:.1f} | "
+                          + " | ".join(f"{r[p + '_host_ms']:.1f}/{r[p + '_wall_ms']:.1f}" for p in PHASES) + " |",
+                          flush=True)
     for r in rows:
         if "profile_cpu" in r:
-            print(f"\n### {r['config']} {r['compile']} {r['dtype']}\n{r['profile_cpu']}\n{r['profile_cuda']}")
+            print(f"\n### {r['config']} {r['compile']} {r['forward_impl']} {r['dtype']}\n{r['profile_cpu']}\n{r['profile_cuda']}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "loop_phases.json"), "w") as f:

@@ -72,8 +72,9 @@ def test_bench_with_compiled_blocks_end_to_end(tmp_path):
     assert "compiled blocks" in (out / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("forward_impl", ["model", "trunk"])
 @pytest.mark.parametrize("config", ["excess_lean", "reference_filter", "oracle"])
-def test_loop_phase_benchmark_runs_the_target_configurations(config):
+def test_loop_phase_benchmark_runs_the_target_configurations(config, forward_impl):
     """benchmarks.bench_loop_phases gives the target-regime configurations a synthetic reference, so their
     selection work is timed too (a CPU smoke run of the same code the GPU run uses)."""
     import argparse
@@ -81,6 +82,6 @@ def test_loop_phase_benchmark_runs_the_target_configurations(config):
     from benchmarks import bench_loop_phases as lp
 
     args = argparse.Namespace(preset="tiny", seq_len=16, batch_size=4, steps=2, warmup=1, profile=False)
-    row = lp.run(config, "none", "bf16", args, torch.device("cpu"))
-    assert row["config"] == config and row["free_step_ms"] > 0
+    row = lp.run(config, "none", forward_impl, "bf16", args, torch.device("cpu"))
+    assert row["config"] == config and row["forward_impl"] == forward_impl and row["free_step_ms"] > 0
     assert all(row[f"{p}_wall_ms"] >= row[f"{p}_host_ms"] >= 0 for p in lp.PHASES)
