@@ -13,6 +13,7 @@ _EXPORTS = {
     "CGGRLoss": "loss",
     "CGGRModel": "model",
     "create_truncated_router": "router",
+    "ModelTrunk": "router",
     "ReferenceModel": "reference",
     "RunningBaseline": "reference",
     "domain_threshold": "reference",
