@@ -131,3 +131,18 @@ def test_trunk_forward_rejects_what_it_cannot_honour():
         CGGRModel(Unsupported(), selection="random", forward_impl="trunk")
     with pytest.raises(TypeError, match="ModelTrunk: unsupported architecture Unsupported"):
         ModelTrunk(Unsupported())
+
+
+def test_trunk_forward_compiles():
+    """compile='model' with forward_impl='trunk' compiles the trunk (dynamo's eager backend: the tracing,
+    not inductor, is what this checks on the CPU) and keeps the loss."""
+    ids, labels, _ = padded_batch()
+    losses = []
+    for compile in (False, "model"):
+        model = tiny_model("llama", layers=2)
+        m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="random", seed=2, forward_impl="trunk",
+                      compile=compile, compile_options={"backend": "eager"} if compile else None)
+        losses.append(m(ids, labels=labels))
+        losses[-1].backward()
+        assert model.model.layers[-1].mlp.down_proj.weight.grad is not None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
