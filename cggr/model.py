@@ -476,8 +476,10 @@ class CGGRModel(nn.Module):
         trunk = router.trunk if router is not None else None
         # 'fused' runs the base model (hidden states) and cggr.linear's LM head + CE; 'model' the whole model.
         # forward_impl='trunk': the model's hidden states come from ModelTrunk instead (head and loss here).
+        # Plain attribute: ModelTrunk holds the model through its adapter, like the router.
+        self.__dict__["_model_trunk"] = ModelTrunk(model) if forward_impl == "trunk" else None
         if forward_impl == "trunk":
-            forward_model = ModelTrunk(model).__call__  # a bound method: what torch.compile takes
+            forward_model = self._model_trunk.__call__  # a bound method: what torch.compile takes
         else:
             forward_model = model.base_model if loss_impl == "fused" else model
         if compile in ("router", "all") and trunk is not None:
@@ -775,17 +777,15 @@ class CGGRModel(nn.Module):
 
     def _rows_logits(self, ids, attention_mask, kwargs):
         if self.forward_impl == "trunk":
-            return self.model.get_output_embeddings()(self._rows_hidden(ids, attention_mask, kwargs))
+            return self._model_trunk.head()(self._rows_hidden(ids, attention_mask, kwargs))
         return self._forward_model(input_ids=ids, attention_mask=attention_mask, **kwargs).logits
 
     def _rows_model_loss(self, ids, labels, attention_mask, kwargs):
         """The model's own ``labels=`` loss on these rows."""
         if self.forward_impl == "trunk":
-            logits = self._rows_logits(ids, attention_mask, kwargs)
             loss_kwargs = {name: kwargs[name] for name in TRUNK_LOSS_KWARGS if name in kwargs}
-            # What the supported families' forwards do with labels (HF ForCausalLMLoss: float32, shifted).
-            return self.model.loss_function(logits=logits, labels=labels, vocab_size=self.model.config.vocab_size,
-                                            **loss_kwargs)
+            return self._model_trunk.labels_loss(self._rows_logits(ids, attention_mask, kwargs), labels,
+                                                 **loss_kwargs)
         return self._forward_model(input_ids=ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
 
     @staticmethod

@@ -19,11 +19,14 @@ Supported families (one adapter each):
 - ``GPT2LMHeadModel``
 - ``GPTNeoXForCausalLM``
 
-Any other class raises a ``TypeError`` naming it. The layer calls follow the installed transformers'
-model forward (``create_causal_mask`` / ``create_sliding_window_causal_mask``, ``rotary_emb(hidden,
-position_ids)``, keyword calls of the decoder layers); the mask helpers' keyword names changed across
-transformers 5.x releases (``past_key_values`` -> ``cache``, ``cache_position`` dropped), so they are
-called through ``_MaskCall``, which reads the installed signature once, when the router is built.
+Any other class raises a ``TypeError`` naming it. ``ModelTrunk(model)`` runs the same adapters at full
+depth: the whole model's hidden states without the model's forward (``CGGRModel(forward_impl='trunk')``).
+
+The layer calls follow the installed transformers' model forward (``create_causal_mask`` /
+``create_sliding_window_causal_mask``, ``rotary_emb(hidden, position_ids)``, keyword calls of the decoder
+layers); the mask helpers' keyword names changed across transformers 5.x releases (``past_key_values``
+-> ``cache``, ``cache_position`` dropped), so they are called through ``_MaskCall``, which reads the
+installed signature once, when the router is built.
 """
 import contextlib
 import inspect
@@ -248,10 +251,7 @@ class TruncatedRouter(nn.Module):
     def __init__(self, model, num_layers: int = 4, deterministic: bool = True):
         super().__init__()
         name = type(model).__name__
-        adapter_cls = _ADAPTERS.get(name)
-        if adapter_cls is None:
-            raise TypeError(f"create_truncated_router: unsupported architecture {name}; looked for one of "
-                            f"{', '.join(SUPPORTED_ARCHITECTURES)} (exact class name)")
+        adapter_cls = _adapter_class(model, "create_truncated_router")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int):
             raise TypeError(f"num_layers must be an int, got {num_layers!r}")
         adapter = adapter_cls(model, num_layers)
@@ -328,10 +328,7 @@ class ModelTrunk:
     """
 
     def __init__(self, model):
-        adapter_cls = _ADAPTERS.get(type(model).__name__)
-        if adapter_cls is None:
-            raise TypeError(f"ModelTrunk: unsupported architecture {type(model).__name__}; looked for one of "
-                            f"{', '.join(SUPPORTED_ARCHITECTURES)} (exact class name)")
+        adapter_cls = _adapter_class(model, "ModelTrunk")
         depth = adapter_cls(model, 1).depth()
         self.adapter = adapter_cls(model, depth)
 
@@ -341,6 +338,21 @@ class ModelTrunk:
     def head(self):
         """The model's LM head (an ``nn.Linear``)."""
         return self.adapter.head()
+
+    def labels_loss(self, logits, labels, **loss_kwargs):
+        """The model's own ``labels=`` loss on ``logits``: ``model.loss_function`` as the supported
+        families' forwards call it (HF ForCausalLMLoss: float32, shifted); ``loss_kwargs`` such as
+        ``num_items_in_batch`` go to it."""
+        model = self.adapter.model
+        return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **loss_kwargs)
+
+
+def _adapter_class(model, caller):
+    adapter_cls = _ADAPTERS.get(type(model).__name__)
+    if adapter_cls is None:
+        raise TypeError(f"{caller}: unsupported architecture {type(model).__name__}; looked for one of "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)} (exact class name)")
+    return adapter_cls
 
 
 def create_truncated_router(model, num_layers: int = 4, deterministic: bool = True) -> TruncatedRouter:

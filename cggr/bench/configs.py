@@ -76,8 +76,7 @@ def causal_lm_loss(model, rows: torch.Tensor, trunk=None) -> torch.Tensor:
     ``forward_impl='trunk'``: no host synchronisation)."""
     if trunk is None:
         return model(input_ids=rows, labels=rows).loss
-    logits = trunk.head()(trunk(rows))
-    return model.loss_function(logits=logits, labels=rows, vocab_size=model.config.vocab_size)
+    return trunk.labels_loss(trunk.head()(trunk(rows)), rows)
 
 
 class Step:
