@@ -64,12 +64,17 @@ class CGGRLoss(nn.Module):
     Options: ``scoring`` in entropy|margin|loss|combined|excess_loss (see ``cggr.scoring``),
     ``selection`` in topk|stratified|sequence_aware, the curriculum (``min_tokens_ratio``,
     ``warmup_steps``, ``schedule``) and the dynamic threshold (see ``cggr.schedule``).
+    ``selection='stratified'`` is the strata op ``cggr.ops.select_stratified`` (a uniform sample inside
+    equal-count difficulty strata, more from the harder strata).
+    Defaults agree with ``CGGRModel`` where they share a concept: ``scoring='loss'``, a fixed ratio
+    (``dynamic_threshold=False``), ``min_tokens_ratio=0.25``, ``warmup_steps=1000``, ``schedule='linear'``
+    (BENCHMARKS.md, "Defaults").
     Call ``step()`` once per optimizer step; ``get_metrics()`` reads the last call's numbers
     (it synchronises; ``forward`` does not, except target validation when ``validate_targets``).
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "topk", num_strata: int = 4,
-                 min_tokens_per_sequence: int = 1, dynamic_threshold: bool = True,
+    def __init__(self, scoring: str = "loss", selection: str = "topk", num_strata: int = 4,
+                 min_tokens_per_sequence: int = 1, dynamic_threshold: bool = False,
                  threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
                  ignore_index: int = -100, reduction: str = "mean", schedule: str = "linear",
                  combined_weights: Optional[Mapping[str, float]] = None, shift_labels: bool = False,

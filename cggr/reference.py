@@ -1,35 +1,24 @@
-"""Reference NLL for ``scoring='excess_loss'``: what the reference loss is, besides a tensor you computed.
+"""Reference NLL for excess loss: what the reference loss is, besides a tensor you computed.
 
 Excess (reducible) loss is the training model's NLL minus a reference NLL that stands for what cannot be
-learned (RHO-LOSS, Rho-1). ``CGGRLoss`` and ``CGGRModel`` take it as ``reference_nll``, one value per
-shifted target (``[B, T-1]`` for ``CGGRModel``). Three sources of that tensor:
+learned (RHO-LOSS, Rho-1). ``CGGRModel(policy=ExcessLossRows())`` and ``CGGRLoss(scoring='excess_loss')``
+take it as ``reference_nll``, one value per shifted target (``[B, T-1]`` for ``CGGRModel``).
 
-- ``ReferenceModel(model)``: the per-token NLL of a frozen causal LM, computed on the fly under
-  ``no_grad``: a small model trained on clean target data (the RHO-LOSS setting), or
-  ``ReferenceModel.frozen_copy(model)``: a frozen copy of the starting checkpoint (excess = how much
-  worse than at the start, for fine-tuning). It costs a forward of the reference model per batch;
-  compute it once ahead of training where the rows repeat.
-- ``RunningBaseline(num_keys)``: a running mean of the router's row NLL per key, used as every token's
-  reference. With source ids as keys, excess = how much harder a row is than its own source usually
-  is (difficulty without drifting towards high-entropy sources); with dataset row indices as keys, how
-  much a row's loss has come down since it was last seen. Device-side, no host synchronisation.
+- ``ReferenceModel(model)``: the per-token NLL of a frozen causal LM, computed under ``no_grad``: a small
+  model trained on clean target data (the RHO-LOSS setting), or ``ReferenceModel.frozen_copy(model)``: a
+  frozen copy of the starting checkpoint (excess = how much worse than at the start). It costs a forward
+  of the reference model per call; compute it once ahead of training where the rows repeat.
+- ``domain_threshold(heldout_row_nll)``: the threshold of ``ReferenceFilter`` / ``ReferenceRanked`` (the
+  reference as a domain filter), from the reference's NLL on clean in-domain rows it did not train on.
 
-The reference can also be the whole signal: ``CGGRModel(selection='reference_filter',
-reference_threshold=t)`` takes the rows whose mean reference NLL is at most ``t`` first (the reference's
-own domain) and fills up with random rows, without a router pass; ``selection='reference_ranked'`` takes
-those rows lowest mean first, which matters when more pass than are kept (at 4 rows of 32 it reached the
-standard run's final target loss in 0.36 of its time, against 0.42 shuffled; BENCHMARKS.md).
-``domain_threshold(heldout_row_nll)``
-picks ``t`` from the reference's NLL on clean in-domain rows it did not train on; ``otsu_threshold``
-splits the training data's reference NLL without them (less reliable: see its docstring).
+Typical loop::
 
-Typical loop with a running baseline (``CGGRModel.router_row_nll`` is the router's mean NLL per row of
-the last forward)::
-
-    ref = baseline.reference_nll(source_ids, input_ids.shape[1])
-    loss = cggr_model(input_ids, labels=labels, reference_nll=ref)
+    reference = ReferenceModel(small_model)
+    cggr_model = CGGRModel(model, policy=ExcessLossRows(), min_tokens_ratio=0.25, warmup_steps=0)
+    loss = cggr_model(input_ids, labels=labels, reference_nll=reference(input_ids, labels))
     loss.backward(); optimizer.step(); cggr_model.step()
-    baseline.update(source_ids, cggr_model.router_row_nll)
+
+Parked alternatives (``RunningBaseline``, ``otsu_threshold``) live in ``cggr.experimental``.
 """
 import copy
 from typing import Optional
@@ -37,7 +26,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .model import check_optional_positive_int, reference_row_means, scored_targets
+from .rows import check_optional_positive_int, reference_row_means, scored_targets
 
 LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
 
@@ -109,71 +98,6 @@ class ReferenceModel:
         return head.weight.shape[0]
 
 
-class RunningBaseline(nn.Module):
-    """Running mean of the router's row NLL per key, as a reference NLL (see the module docstring).
-
-    ``values[key]`` starts unset; ``update(keys, row_nll)`` sets a key's first value to the batch mean of
-    its rows, then moves it by ``momentum`` (``new = momentum * old + (1 - momentum) * batch mean``).
-    ``reference_nll(keys, seq_len)`` returns ``[B, seq_len - 1]`` (every token of a row gets its key's
-    value; keys not seen yet get the mean over the keys seen, or 0 before any update, so they rank by
-    their own loss). State (``values``, ``seen``) is in buffers: ``state_dict`` saves it. Everything
-    stays on the buffers' device; no host synchronisation.
-    """
-
-    def __init__(self, num_keys: int, momentum: float = 0.9, device=None):
-        super().__init__()
-        if isinstance(num_keys, bool) or not isinstance(num_keys, int) or num_keys < 1:
-            raise ValueError(f"num_keys must be an int >= 1, got {num_keys!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
-        self.register_buffer("values", torch.zeros(num_keys, dtype=torch.float32, device=device))
-        self.register_buffer("seen", torch.zeros(num_keys, dtype=torch.bool, device=device))
-
-    def _keys(self, keys: torch.Tensor, name: str = "keys") -> torch.Tensor:
-        if not isinstance(keys, torch.Tensor) or keys.dim() != 1 or keys.is_floating_point() or keys.dtype == torch.bool:
-            raise ValueError(f"{name}: expected a 1-D integer tensor of keys, got "
-                             f"{tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__}")
-        if keys.device != self.values.device:
-            raise ValueError(f"{name}: on {keys.device}, the baseline is on {self.values.device}")
-        return keys.long()
-
-    @torch.no_grad()
-    def reference_nll(self, keys: torch.Tensor, seq_len: int) -> torch.Tensor:
-        keys = self._keys(keys)
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"seq_len must be an int >= 2 (the rows' length, T), got {seq_len!r}")
-        seen = self.seen.to(torch.float32)
-        fill = (self.values * seen).sum() / seen.sum().clamp_min(1.0)
-        keys = self._in_range(keys)
-        row = torch.where(self.seen[keys], self.values[keys], fill)
-        return row[:, None].expand(len(keys), seq_len - 1)
-
-    def _in_range(self, keys: torch.Tensor) -> torch.Tensor:
-        # A key outside [0, num_keys) fails a device assert (no host sync); the clamp keeps the reads that
-        # were already queued in bounds.
-        torch._assert_async(((keys >= 0) & (keys < len(self.values))).all(),
-                            "RunningBaseline: a key is outside [0, num_keys)")
-        return keys.clamp(0, len(self.values) - 1)
-
-    @torch.no_grad()
-    def update(self, keys: torch.Tensor, row_nll: torch.Tensor):
-        keys = self._keys(keys)
-        if not isinstance(row_nll, torch.Tensor) or tuple(row_nll.shape) != tuple(keys.shape):
-            raise ValueError(f"row_nll: expected shape {tuple(keys.shape)} (one value per key), got "
-                             f"{tuple(row_nll.shape) if isinstance(row_nll, torch.Tensor) else type(row_nll).__name__}")
-        keys = self._in_range(keys)
-        row_nll = row_nll.detach().to(torch.float32)
-        finite = torch.isfinite(row_nll)  # rows with nothing scored (-inf / nan) teach the baseline nothing
-        sums = torch.zeros_like(self.values).index_add_(0, keys, torch.where(finite, row_nll, torch.zeros_like(row_nll)))
-        counts = torch.zeros_like(self.values).index_add_(0, keys, finite.to(torch.float32))
-        hit = counts > 0
-        batch_mean = sums / counts.clamp_min(1.0)
-        moved = torch.where(self.seen, self.momentum * self.values + (1.0 - self.momentum) * batch_mean, batch_mean)
-        self.values.copy_(torch.where(hit, moved, self.values))
-        self.seen.logical_or_(hit)
-
-
 def _row_values(row_nll, name: str) -> torch.Tensor:
     values = torch.as_tensor(row_nll).detach().to("cpu", torch.float64)
     if values.dim() != 1 or len(values) == 0:
@@ -199,27 +123,11 @@ def domain_threshold(heldout_row_nll, recall: float = 0.95) -> float:
     return float(torch.quantile(values, float(recall)))
 
 
-def otsu_threshold(row_nll) -> float:
-    """A split of rows into two groups by their reference NLL alone, without labels or held-out data:
-    Otsu's threshold (the cut that maximises the between-group variance; Otsu, 1979).
+_MOVED = {"RunningBaseline": "cggr.experimental.RunningBaseline", "otsu_threshold": "cggr.experimental.otsu_threshold"}
 
-    It finds the reference's domain only when that domain is the low group of a two-group mix: measured in
-    ``cggr bench`` regime 3 (BENCHMARKS.md) it cut between the dictionary and the other sources instead
-    (precision 20 % for the 8 % of target rows); prefer ``domain_threshold``. ``row_nll``: 1-D, finite, at
-    least 2 distinct values. Returns the midpoint between the two values the cut falls between.
-    """
-    values = _row_values(row_nll, "row_nll")
-    x = torch.sort(values).values
-    n = len(x)
-    if n < 2 or bool(x[0] == x[-1]):
-        raise ValueError(f"row_nll: need at least 2 distinct values to split, got {n} value(s)"
-                         + ("" if n < 2 else f", all {float(x[0])}"))
-    # Split after position i (i = 1 .. n-1): w0 = i/n, w1 = 1 - w0, between-class variance w0 w1 (m0 - m1)^2.
-    csum = torch.cumsum(x, 0)
-    i = torch.arange(1, n, dtype=torch.float64)
-    m0 = csum[:-1] / i
-    m1 = (csum[-1] - csum[:-1]) / (n - i)
-    between = (i / n) * (1 - i / n) * (m0 - m1) ** 2
-    between = torch.where(x[1:] > x[:-1], between, torch.full_like(between, -1.0))  # no cut between equal values
-    cut = int(torch.argmax(between))
-    return float((x[cut] + x[cut + 1]) / 2)
+
+def __getattr__(name):
+    if name in _MOVED:
+        raise AttributeError(f"cggr.reference.{name} moved to {_MOVED[name]} (it lost in every measured regime; "
+                             "BENCHMARKS.md)")
+    raise AttributeError(f"module 'cggr.reference' has no attribute {name!r}")

@@ -27,7 +27,7 @@ def check_ratio(name: str, value: float) -> float:
 
 class RatioSchedule:
     def __init__(self, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000, schedule: str = "linear",
-                 dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5):
+                 dynamic_threshold: bool = False, threshold_sensitivity: float = 0.5):
         self.min_tokens_ratio = check_ratio("min_tokens_ratio", min_tokens_ratio)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
@@ -39,6 +39,11 @@ class RatioSchedule:
         self.schedule = schedule
         self.dynamic_threshold = bool(dynamic_threshold)
         self.threshold_sensitivity = float(threshold_sensitivity)
+
+    def __repr__(self):
+        return (f"RatioSchedule(min_tokens_ratio={self.min_tokens_ratio!r}, warmup_steps={self.warmup_steps!r}, "
+                f"schedule={self.schedule!r}, dynamic_threshold={self.dynamic_threshold!r}, "
+                f"threshold_sensitivity={self.threshold_sensitivity!r})")
 
     def curriculum_ratio(self, step: int) -> float:
         if step < 0:

@@ -38,7 +38,8 @@ from . import data as D
 from .configs import REGIMES, StepContext, get_config, router_depth
 from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
-from ..reference import domain_threshold, otsu_threshold
+from ..experimental import otsu_threshold
+from ..reference import domain_threshold
 
 
 @dataclasses.dataclass
@@ -392,7 +393,6 @@ class Bench:
         if self.s.regime == "target":
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]
-            ctx.reference_row_nll = prep["reference"]["row_nll"]
             ctx.reference_thresholds = prep["reference"]["thresholds"]
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
