@@ -1,27 +1,37 @@
-"""Arguments of ``cggr bench`` and the function that runs it."""
+"""Arguments of ``cggr bench`` and the function that runs it.
+
+Every setting is declared once, in ``cggr.bench.settings.Settings``: a flag ``--some-name`` fills the field
+``some_name`` and takes its default from there (``DEFAULTS``); flags that are not settings are listed in
+``CLI_ONLY``, fields that flags do not set one to one in ``DERIVED`` (``tests/test_bench_cli.py`` checks
+both ways). Importing this module needs only the standard library and the package's settings module.
+"""
 import argparse
-import os
-import sys
+import dataclasses
 import time
 
-from . import data as D
-from .configs import REGIMES, default_configs
-from .models import COMPILE_MODES, PRESETS
-from .runner import DTYPES
-from .train import CLOCKS
+from .settings import (CLOCKS, COMPILE_MODES, DTYPES, EMBEDDED_DIR, FORWARD_IMPLS, PRESET_NAMES, REGIMES,
+                       Settings)
+
+DEFAULTS = Settings()
+# Flags that are not settings of a run: what to do, where the data is, how to tokenize it.
+CLI_ONLY = ("report_only", "max_wall", "corpus", "tokenizer", "doc_chars", "val_frac", "test_frac", "prepare_only",
+            "time_budget", "token_budget", "model")
+# Settings fields that no flag sets one to one: computed in settings_from_args.
+DERIVED = ("regime", "configs", "budget_kind", "budget", "eval_every", "eval_batch_size", "model_path", "device",
+           "dtype")
 
 
 def add_arguments(p: argparse.ArgumentParser):
     g = p.add_argument_group("what to run")
-    g.add_argument("--regime", nargs="+", choices=REGIMES, default=["pretrain"],
+    g.add_argument("--regime", nargs="+", choices=REGIMES, default=[DEFAULTS.regime],
                    help="pretrain: from scratch on every source; finetune: stage 1 on all sources but "
                         "--finetune-source, then train on it; target: mixed pool, goal --target-source, with a "
                         "reference model (RHO-LOSS setting)")
     g.add_argument("--configs", nargs="+", default=None,
                    help="default: every configuration of the regime (standard random cggr_hardest "
                         "cggr_stratified cggr_random cggr_loss; target adds oracle excess excess_tokens)")
-    g.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.5], help="kept fraction of rows/tokens")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0])
+    g.add_argument("--ratios", nargs="+", type=float, default=DEFAULTS.ratios, help="kept fraction of rows/tokens")
+    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULTS.seeds)
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", type=float, default=None,
                         help="training seconds per configuration (default 20 when no --token-budget); the LR "
@@ -30,11 +40,11 @@ def add_arguments(p: argparse.ArgumentParser):
                         help="tokens per configuration (deterministic); the LR schedule runs on tokens")
     g.add_argument("--eval-every", type=float, default=None,
                    help="evaluation interval in the budget's unit (seconds or tokens); default budget / 10")
-    g.add_argument("--init-budget", type=float, default=None,
+    g.add_argument("--init-budget", type=float, default=DEFAULTS.init_budget,
                    help="finetune stage-1 budget in the budget's unit (default: the per-configuration budget)")
-    g.add_argument("--reference-budget", type=float, default=None,
+    g.add_argument("--reference-budget", type=float, default=DEFAULTS.reference_budget,
                    help="target-regime reference model budget in the budget's unit (default: the budget)")
-    g.add_argument("--out", default="bench_out", help="output folder (runs/, summary.md, results.json, "
+    g.add_argument("--out", default=DEFAULTS.out, help="output folder (runs/, summary.md, results.json, "
                                                       "curves.csv, val_loss_<regime>.png)")
     g.add_argument("--report-only", action="store_true", help="rewrite the reports from OUT/runs and exit")
     g.add_argument("--max-wall", type=float, default=None,
@@ -42,63 +52,63 @@ def add_arguments(p: argparse.ArgumentParser):
                         "identical invocation (finished runs in OUT are reused), e.g. under a 10-minute job limit")
 
     g = p.add_argument_group("data")
-    g.add_argument("--corpus", nargs="+", default=[D.EMBEDDED_DIR],
+    g.add_argument("--corpus", nargs="+", default=[EMBEDDED_DIR],
                    help="folders / .txt / .txt.gz files (one source per file), or one prepared .npz token file; "
                         "default: the small embedded corpus")
     g.add_argument("--tokenizer", default=None,
                    help="'bytes', a folder with vocab.json + merges.txt (GPT-2 BPE) or tokenizer.json; "
                         "default: the --model folder if given, else 'bytes'")
-    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cggr", "bench"),
+    g.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                    help="tokenized corpora, finetune stage-1 checkpoints and reference-model NLL")
     g.add_argument("--doc-chars", type=int, default=2000, help="minimum characters per document")
     g.add_argument("--val-frac", type=float, default=0.05)
     g.add_argument("--test-frac", type=float, default=0.05)
     g.add_argument("--prepare-only", action="store_true", help="tokenize, print the token file path, exit")
-    g.add_argument("--finetune-source", default="python_doc")
-    g.add_argument("--target-source", default="python_doc")
-    g.add_argument("--reference-frac", type=float, default=0.5,
+    g.add_argument("--finetune-source", default=DEFAULTS.finetune_source)
+    g.add_argument("--target-source", default=DEFAULTS.target_source)
+    g.add_argument("--reference-frac", type=float, default=DEFAULTS.reference_frac,
                    help="fraction of the target's training documents held out for the reference model")
 
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder to start from")
-    g.add_argument("--model-preset", choices=sorted(PRESETS), default="tiny")
-    g.add_argument("--init-checkpoint", default=None,
+    g.add_argument("--model-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.model_preset)
+    g.add_argument("--init-checkpoint", default=DEFAULTS.init_checkpoint,
                    help="finetune: stage-1 model folder (CACHE/init/... of an earlier run, or any HF causal LM); "
                         "skips stage 1")
-    g.add_argument("--reference-holdout-frac", type=float, default=0.1,
+    g.add_argument("--reference-holdout-frac", type=float, default=DEFAULTS.reference_holdout_frac,
                    help="fraction of the reference's clean documents it never trains on; its NLL on them sets "
                         "the domain threshold of reference_filter")
-    g.add_argument("--reference-preset", choices=sorted(PRESETS), default="tiny")
-    g.add_argument("--seq-len", type=int, default=128)
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--reference-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.reference_preset)
+    g.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
-    g.add_argument("--eval-rows", type=int, default=32, help="validation/test rows per source")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--warmup-frac", type=float, default=0.05, help="LR warm-up, fraction of the budget")
+    g.add_argument("--eval-rows", type=int, default=DEFAULTS.eval_rows, help="validation/test rows per source")
+    g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
+    g.add_argument("--warmup-frac", type=float, default=DEFAULTS.warmup_frac, help="LR warm-up, fraction of the budget")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="bf16 = autocast over float32 weights; bf16-weights = model and optimizer state in "
                         "bfloat16, no autocast (fewer kernels a step); default: bf16 on cuda, fp32 on cpu")
-    g.add_argument("--router-layers", type=int, default=4,
+    g.add_argument("--router-layers", type=int, default=DEFAULTS.router_layers,
                    help="CGGRModel router depth (capped at the model's layers - 1)")
-    g.add_argument("--selection-warmup-steps", type=int, default=0,
+    g.add_argument("--selection-warmup-steps", type=int, default=DEFAULTS.selection_warmup_steps,
                    help="curriculum from ratio 1 down to the ratio over this many steps, for every selective "
                         "configuration (0: the ratio from the first step)")
-    g.add_argument("--compile", nargs="?", const="blocks", default=None, choices=COMPILE_MODES,
+    g.add_argument("--compile", nargs="?", const="blocks", default=DEFAULTS.compile, choices=COMPILE_MODES,
                    help="torch.compile every decoder block in place (inductor, static shapes), for every "
                         "configuration alike, graphs compiled before the clock starts (needs a fixed row "
                         "count: --selection-warmup-steps 0); blocks-cudagraphs also replays each block as a "
                         "CUDA graph (reduce-overhead). Default: eager")
-    g.add_argument("--clock", choices=CLOCKS, default="step",
+    g.add_argument("--clock", choices=CLOCKS, default=DEFAULTS.clock,
                    help="step: a device synchronisation around every timed step (each step timed from an idle "
                         "GPU); span: synchronise only at evaluations, so the host issues the next step while "
                         "the GPU runs this one, as a loop that does not read its loss every step")
-    g.add_argument("--forward-impl", choices=("model", "trunk"), default="model",
+    g.add_argument("--forward-impl", choices=FORWARD_IMPLS, default=DEFAULTS.forward_impl,
                    help="how every training of the bench runs the model (standard and selective alike): model = "
                         "its own forward (transformers checks position_ids for packed sequences on the host, a "
                         "synchronisation per call); trunk = the same modules through cggr.router.ModelTrunk "
                         "(CGGRModel forward_impl='trunk'), without it")
-    g.add_argument("--untimed-warmup-steps", type=int, default=2,
+    g.add_argument("--untimed-warmup-steps", type=int, default=DEFAULTS.untimed_warmup_steps,
                    help="steps on a throw-away copy before each timed run")
 
 
@@ -138,7 +148,8 @@ def run(args, parser: argparse.ArgumentParser) -> int:
 def settings_from_args(args, parser, log):
     import torch
 
-    from .runner import Settings
+    from . import data as D
+    from .configs import default_configs
     from .tokenizer import load_tokenizer
 
     tokenizer_spec = args.tokenizer or (args.model if args.model else "bytes")
@@ -172,24 +183,11 @@ def settings_from_args(args, parser, log):
     if not all(0 < r <= 1 for r in args.ratios):
         parser.error("--ratios must be in (0, 1]")
 
+    derived = dict(configs=args.configs, budget_kind=kind, budget=amount, eval_every=args.eval_every or amount / 10,
+                   eval_batch_size=args.eval_batch_size or args.batch_size, model_path=args.model, device=device,
+                   dtype=dtype)
+    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name not in DERIVED}
+
     def settings(regime):
-        return Settings(
-            regime=regime, configs=args.configs or default_configs(regime), ratios=args.ratios, seeds=args.seeds,
-            budget_kind=kind, budget=amount, eval_every=args.eval_every or amount / 10,
-            init_budget=args.init_budget, reference_budget=args.reference_budget,
-            model_preset=args.model_preset, model_path=args.model, init_checkpoint=args.init_checkpoint,
-            seq_len=args.seq_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or args.batch_size,
-            eval_rows=args.eval_rows, lr=args.lr, warmup_frac=args.warmup_frac, device=device, dtype=dtype,
-            router_layers=args.router_layers, selection_warmup_steps=args.selection_warmup_steps,
-            finetune_source=args.finetune_source, target_source=args.target_source,
-            reference_preset=args.reference_preset, reference_frac=args.reference_frac,
-            reference_holdout_frac=args.reference_holdout_frac,
-            untimed_warmup_steps=args.untimed_warmup_steps, compile=args.compile, clock=args.clock, forward_impl=args.forward_impl, out=args.out,
-            cache_dir=args.cache_dir)
+        return Settings(regime=regime, **shared, **{**derived, "configs": args.configs or default_configs(regime)})
     return settings, corpus
-
-
-def main(argv=None) -> int:
-    from cggr.cli import main as cggr_main
-
-    return cggr_main(["bench"] + list(sys.argv[1:] if argv is None else argv))

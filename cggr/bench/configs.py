@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..rows import rows_for_ratio
+from .settings import REGIMES
 
-REGIMES = ("pretrain", "finetune", "target")
 
 
 @dataclasses.dataclass

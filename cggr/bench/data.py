@@ -26,9 +26,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .settings import EMBEDDED_DIR  # noqa: F401  (the default corpus; re-exported)
+
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
-EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 _SUFFIXES = (".txt.gz", ".txt")
 
 

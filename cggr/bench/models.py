@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .settings import COMPILE_MODES
+
 
 @contextlib.contextmanager
 def quiet_transformers():
@@ -100,7 +102,6 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
                     "base_model.h as a non-empty nn.ModuleList)")
 
 
-COMPILE_MODES = ("blocks", "blocks-cudagraphs")
 _graph_trees_in_use = False
 
 

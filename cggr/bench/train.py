@@ -38,6 +38,7 @@ from .configs import Batch, Step, StepContext, to_device
 from .data import RowSet, batch_order
 from .models import begin_graph_step, compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
+from .settings import CLOCKS  # noqa: F401  (the modes train() takes)
 
 
 @dataclasses.dataclass
@@ -115,7 +116,6 @@ def token_nll(model, rows: torch.Tensor, autocast) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
 
 
-CLOCKS = ("step", "span")
 
 
 @dataclasses.dataclass
