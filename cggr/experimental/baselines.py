@@ -75,10 +75,9 @@ def otsu_threshold(row_nll) -> float:
     """A split of rows into two groups by their reference NLL alone, without labels or held-out data:
     Otsu's threshold (the cut that maximises the between-group variance; Otsu, 1979).
 
-    It finds the reference's domain only when that domain is the low group of a two-group mix: measured in
-    ``cggr bench`` regime 3 (BENCHMARKS.md) it cut between the dictionary and the other sources instead
-    (precision 20 % for the 8 % of target rows); prefer ``domain_threshold``. ``row_nll``: 1-D, finite, at
-    least 2 distinct values. Returns the midpoint between the two values the cut falls between.
+    It finds the reference's domain only when that domain is the low group of a two-group mix (BENCHMARKS.md,
+    regime 3, has a case where it is not); prefer ``cggr.reference.domain_threshold``. ``row_nll``: 1-D,
+    finite, at least 2 distinct values. Returns the midpoint between the two values the cut falls between.
     """
     values = _row_values(row_nll, "row_nll")
     x = torch.sort(values).values
