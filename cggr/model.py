@@ -64,6 +64,27 @@ def _router_chunk_rows(n_tokens: int, vocab_size: int, itemsize: int) -> int:
     return max(1, min(n_tokens, ROUTER_CHUNK_BYTES // max(1, vocab_size * itemsize)))
 
 
+def check_causal_lm(model):
+    """``model`` must be a Hugging Face causal LM (its forward takes ``input_ids`` and ``labels`` and returns
+    ``.loss`` / ``.logits`` for next-token prediction): a class of transformers' causal-LM mapping, or any
+    class named ``*ForCausalLM`` (remote code, PEFT wrappers)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module), got {type(model).__name__}")
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return
+    config = getattr(model, "config", None)
+    what = ("it has no Hugging Face config" if config is None
+            else f"its class is not a causal LM of transformers (model_type {getattr(config, 'model_type', None)!r})")
+    raise TypeError(f"model must be a Hugging Face causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel): got {name}, "
+                    f"and {what}. CGGRModel trains next-token prediction on the selected rows through the "
+                    "model's own labels= loss")
+
+
 def _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
     if isinstance(schedule, RatioSchedule):
         if not defaults_given:
@@ -104,8 +125,7 @@ class CGGRModel(nn.Module):
                  warmup_steps: int = 1000, schedule: Union[str, RatioSchedule] = "linear",
                  step_options: Optional[StepOptions] = None, seed: int = 0, **deprecated):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        check_causal_lm(model)
         defaults_given = min_tokens_ratio == 0.25 and warmup_steps == 1000
         if deprecated:
             policy, schedule, legacy_options = _legacy.translate(deprecated, policy, router is not None,
