@@ -200,6 +200,7 @@ class CGGRModel(nn.Module):
         self.register_load_state_dict_pre_hook(self._load_pre_hook)
         self.register_load_state_dict_post_hook(self._load_post_hook)
         self._generators = {}
+        self._calls_in_step = 0
         self._last = None
         self._router_row_nll = None
         self._timer = StepTimer() if options.collect_timing else None
@@ -229,6 +230,7 @@ class CGGRModel(nn.Module):
         if self._timer is not None:
             self._timer.finish()
         self._step += 1
+        self._calls_in_step = 0
 
     def _set_step(self, step):
         if isinstance(step, torch.Tensor):
@@ -236,6 +238,7 @@ class CGGRModel(nn.Module):
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"state_dict: {STEP_KEY} must be an int >= 0, got {step!r}")
         self._step = step
+        self._calls_in_step = 0
 
     # state_dict layout: the plain model's keys (no "model." prefix) plus ``cggr_step``, at any nesting
     # depth. Saving overrides ``state_dict`` (which nn.Module also calls for children). Loading goes through
@@ -511,12 +514,15 @@ class CGGRModel(nn.Module):
         return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
 
     def _generator(self, device):
+        """The random policies' generator, re-seeded from (seed, curriculum step, call within the step): a run
+        resumed from a checkpoint (``cggr_step``) draws the same rows as an uninterrupted one, and the
+        micro-batches of one step (gradient accumulation) draw independently. Seeding is host-only."""
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[key] = gen
+            gen = self._generators[key] = torch.Generator(device=device)
+        gen.manual_seed((self.seed * 0x9E3779B1 + self._step * 0x85EBCA77 + self._calls_in_step) % (1 << 63))
+        self._calls_in_step += 1
         return gen
 
     @property
