@@ -12,17 +12,18 @@ Two entry points:
 How the work is laid out (N tokens, H hidden size, V vocabulary, S selected tokens):
 
 forward   for each chunk of token rows: logits = h_chunk @ W.T (+ b) (cuBLAS, in the input dtype with
-          fp32 accumulation) -> optional soft cap in place -> ``torch.ops.cggr.token_stats`` -> keep the
-          [5, rows] statistics, reuse the logits buffer for the next chunk. 2NHV flops.
+          fp32 accumulation) -> optional soft cap in place (``cggr.ops.softcap_``) ->
+          ``torch.ops.cggr.token_stats`` -> keep the [5, rows] statistics, reuse the logits buffer for
+          the next chunk. 2NHV flops.
 select    ``mask = select_fn(stats, valid)`` over all tokens at once; the loss is read from the saved nll.
 backward  the S selected rows are compacted without a host sync (``cggr.ops.compact_indices``) and
           gathered once (h_sel [S, H]); the VOCABULARY is then tiled: for each slice [v0, v1) of W,
               g = h_sel @ W[v0:v1].T          recompute, [S, v1 - v0]
               g = (softmax - onehot) * coef   in place, from the forward's lse (a slice needs nothing
-                                              else from its row: triton_kernels/linear_ce.py)
+                                              else from its row): ``cggr.ops.linear_ce_grad_``
               grad_W[v0:v1] = g.T @ h_sel     written once: no read-modify-write of grad_W, no
                                               accumulation rounding in the weight's dtype
-              grad_h_sel   += g @ W[v0:v1]    [S, H] float32 accumulator (small)
+              grad_h_sel   += g @ W[v0:v1]    [S, H] float32 accumulator (small): ``cggr.ops.addmm_f32_``
               grad_b[v0:v1] = g.sum(0)
           3 * 2SHV flops; unselected rows cost nothing and their grad_hidden rows are exact zeros.
           Tiling V rather than tokens is what keeps grad_W exact and cheap: tiling tokens would add
@@ -35,6 +36,10 @@ never raises the step's peak; a backward slice is about the size of the hidden s
 
 Host synchronisation: one, at most, per call (reading the selected count and validating targets
 together); none when ``validate_targets=False`` and ``max_selected`` is given.
+
+Every device-specific kernel is a ``torch.ops.cggr`` operator called through ``cggr.ops`` (CUDA and
+CPU implementations behind one dispatch); this module never branches on the device. Timings and
+memory measurements: see BENCHMARKS.md.
 """
 import math
 from typing import Callable, NamedTuple, Optional
@@ -43,7 +48,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .triton_kernels.linear_ce import launch_linear_ce_grad_, launch_softcap_
 
 __all__ = ["token_stats_from_hidden", "fused_linear_selective_ce", "default_chunk_size",
            "FusedLinearSelectiveCE"]
@@ -184,8 +188,7 @@ def _backward_cols(S, N, H, V, itemsize, chunk_size, gathered):
     hidden states' size (N * H elements) minus the [S, H] working buffers (the gathered rows and the
     float32 grad accumulator), never below 24 MiB nor 2048 columns (so for very large S a default slice
     exceeds the budget: 4 KiB per selected row in bf16). Widths are rounded down to a multiple of 128.
-    (H100 sweep, (16384, 576, 49152) bf16 at ratio 0.25: 1024 columns 7.8 ms, 2048 5.8, 4096 4.9 with
-    peak memory 0.081 -> 0.088 -> 0.105 GB: fewer, wider slices save launches and cuBLAS ramp-up.)
+    Fewer, wider slices save launches; the width sweep behind the 2048 floor: see BENCHMARKS.md.
     """
     if chunk_size is not None:
         cols = chunk_size * V // max(S, 1)
@@ -199,7 +202,7 @@ def _backward_cols(S, N, H, V, itemsize, chunk_size, gathered):
 
 
 # --------------------------------------------------------------------------------------------------
-# building blocks (device dispatch: CUDA -> Triton / cuBLAS, CPU -> torch)
+# building blocks (the device-specific kernels are torch.ops.cggr operators: cggr.linear_ops)
 # --------------------------------------------------------------------------------------------------
 def _logits_into(out, h, w, b):
     """out = h @ w.T (+ b), in h's dtype (cuBLAS accumulates in fp32)."""
@@ -208,52 +211,6 @@ def _logits_into(out, h, w, b):
     else:
         torch.addmm(b, h, w.t(), out=out)
     return out
-
-
-def _softcap_(x, softcap):
-    if x.is_cuda:
-        return launch_softcap_(x, softcap)
-    # CPU: the same math (float32, one rounding to x's dtype) in torch
-    return x.copy_(torch.tanh(x.float() / softcap) * softcap)
-
-
-def _ce_grad_(x, lse, targets, coef, v0, softcap):
-    """In place over a vocabulary slice: see triton_kernels/linear_ce.py for the formula."""
-    if x.is_cuda:
-        return launch_linear_ce_grad_(x, lse, targets, coef, v0, softcap)
-    z = x.float()
-    if softcap is not None:
-        th = torch.tanh(z / softcap)
-        z = (th * softcap).to(x.dtype).float()
-    g = torch.exp(z - lse[:, None])
-    cols = torch.arange(v0, v0 + x.shape[1], device=x.device)
-    g -= (cols[None, :] == targets[:, None].long()).float()
-    if softcap is not None:
-        g *= 1.0 - th * th
-    g = torch.where((coef != 0)[:, None], g * coef[:, None], 0.0)
-    return x.copy_(g)
-
-
-def _accumulate_mm(acc, a, b, first):
-    """acc (float32) (+)= a @ b, with a, b in the input dtype."""
-    if a.dtype == torch.float32:
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
-    elif acc.is_cuda:
-        # cuBLAS: half/bf16 inputs, float32 C and D (torch >= 2.8), in place: no [S, H] temporary and
-        # no per-slice rounding to the half type
-        if first:
-            torch.mm(a, b, out_dtype=torch.float32, out=acc)
-        else:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        # the out_dtype matmul is CUDA-only; the CPU path computes in float32 (tests, not speed)
-        if first:
-            torch.mm(a.float(), b.float(), out=acc)
-        else:
-            acc.addmm_(a.float(), b.float())
 
 
 def _chunked_stats(h2d, weight, bias, targets, ignore_index, rows, softcap):
@@ -271,7 +228,7 @@ def _chunked_stats(h2d, weight, bias, targets, ignore_index, rows, softcap):
         r1 = min(N, r0 + rows)
         logits = _logits_into(buf[: (r1 - r0) * V].view(r1 - r0, V), h2d[r0:r1], weight, bias)
         if softcap is not None:
-            _softcap_(logits, softcap)
+            ops.softcap_(logits, softcap)
         parts.append(torch.ops.cggr.token_stats(logits, targets[r0:r1], ignore_index))
     del buf, logits
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -445,7 +402,7 @@ def _selected_backward(hidden, weight, bias, targets, sel, lse, row_weight, coun
         w_s = weight[v0:v1]
         g = _logits_into(buf[: S * (v1 - v0)].view(S, v1 - v0), h_sel, w_s,
                          None if bias is None else bias[v0:v1])
-        _ce_grad_(g, lse_sel, t_sel, kernel_coef, v0, plan.softcap)
+        ops.linear_ce_grad_(g, lse_sel, t_sel, kernel_coef, v0, plan.softcap)
         if need_w:
             torch.mm(g.t(), h_w, out=grad_w[v0:v1])
         if need_b:
@@ -454,7 +411,7 @@ def _selected_backward(hidden, weight, bias, targets, sel, lse, row_weight, coun
             else:
                 torch.sum(g, dim=0, out=grad_b[v0:v1])
         if need_h:
-            _accumulate_mm(gh, g, w_s, first=j == 0)
+            ops.addmm_f32_(gh, g, w_s, accumulate=j > 0)
     del buf, g, h_w
 
     grad_h = None

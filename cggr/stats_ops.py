@@ -22,8 +22,8 @@ from typing import Optional, Union
 
 import torch
 
-import cggr  # noqa: F401  (loads cggr._C, which defines the cggr namespace, before the fragments below)
-from cggr.triton_kernels import launch_selective_ce_backward, launch_token_stats
+from . import _C  # noqa: F401  (loads cggr._C, which defines the cggr namespace, before the fragments below)
+from .triton_kernels import launch_selective_ce_backward, launch_token_stats
 
 __all__ = ["TokenStats", "token_stats", "selective_ce_backward"]
 

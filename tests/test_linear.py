@@ -392,7 +392,8 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------
-# the Triton kernels (interpreter on CPU, or CUDA) against the torch path
+# the Triton kernels (interpreter on CPU, or CUDA) against the ops' CPU implementations
+# (float64 references on odd sizes and opchecks: tests/test_linear_ops.py)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -408,7 +409,7 @@ def test_triton_ce_grad_matches_torch(triton_device, dtype, softcap):
     coef = torch.rand(R, generator=g)
     coef[2] = 0.0
     x[2, 5] = float("inf")  # an inactive row is written as zeros without reading it
-    expect = L._ce_grad_(x.clone(), lse, t, coef, v0, softcap)
+    expect = ops.linear_ce_grad_(x.clone(), lse, t, coef, v0, softcap)  # CPU tensors: the torch implementation
     got = launch_linear_ce_grad_(x.to(triton_device), lse.to(triton_device), t.to(triton_device),
                                  coef.to(triton_device), v0, softcap).cpu()
     assert torch.equal(got[2], torch.zeros_like(got[2]))
@@ -424,7 +425,7 @@ def test_triton_softcap_matches_torch(triton_device, dtype):
 
     x = (torch.linspace(-40, 40, 777).reshape(7, 111)).to(dtype)
     x[0, :5] = torch.tensor([1e-6, -1e-4, 0.0, 0.05, -0.2]).to(dtype)  # the small-argument branch
-    expect = L._softcap_(x.clone(), 5.0)
+    expect = ops.softcap_(x.clone(), 5.0)
     got = launch_softcap_(x.to(triton_device), 5.0).cpu()
     torch.testing.assert_close(got.float(), expect.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                atol=1e-7)

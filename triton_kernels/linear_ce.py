@@ -81,7 +81,7 @@ def _check(x, op):
     if not (x.device.type == "cuda" or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise RuntimeError(f"{op}: the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
                            f"got a tensor on {x.device}")
-    if x.dim() != 2 or x.stride(1) != 1:
+    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
         raise ValueError(f"{op}: x must be 2-D with a contiguous last dim, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}")
 
@@ -93,9 +93,13 @@ def _config(n_cols, dtype):
     return block, 4 if block >= 1024 else 2
 
 
-def launch_softcap_(x, softcap):
-    """In place: x [R, C] (unit last stride) <- softcap * tanh(x / softcap). Returns x."""
-    _check(x, "launch_softcap_")
+def launch_softcap_(x, softcap, check=True):
+    """In place: x [R, C] (unit last stride) <- softcap * tanh(x / softcap). Returns x.
+
+    check=False skips the checks, for callers that have already made them (``cggr.linear_ops``).
+    """
+    if check:
+        _check(x, "launch_softcap_")
     R, C = x.shape
     if R == 0 or C == 0:
         return x
@@ -104,20 +108,23 @@ def launch_softcap_(x, softcap):
     return x
 
 
-def launch_linear_ce_grad_(x, lse, targets, coef, v0, softcap=None):
+def launch_linear_ce_grad_(x, lse, targets, coef, v0, softcap=None, check=True):
     """In place over a vocabulary slice x [R, C] (columns v0 .. v0 + C of the full vocabulary).
 
     lse, coef: [R] float32 contiguous; targets: [R] int64/int32 contiguous (any value outside the slice,
-    ignore_index included, simply matches no column). Returns x.
+    ignore_index included, simply matches no column). Returns x. check=False skips the checks, for
+    callers that have already made them (``cggr.linear_ops``).
     """
-    _check(x, "launch_linear_ce_grad_")
+    if check:
+        _check(x, "launch_linear_ce_grad_")
     R, C = x.shape
-    for name, t in (("lse", lse), ("coef", coef), ("targets", targets)):
-        if t.shape != (R,) or not t.is_contiguous():
-            raise ValueError(f"launch_linear_ce_grad_: {name} must be contiguous of shape ({R},), "
-                             f"got {tuple(t.shape)}")
-    if lse.dtype != torch.float32 or coef.dtype != torch.float32:
-        raise TypeError("launch_linear_ce_grad_: lse and coef must be float32")
+    if check:
+        for name, t in (("lse", lse), ("coef", coef), ("targets", targets)):
+            if t.shape != (R,) or not t.is_contiguous():
+                raise ValueError(f"launch_linear_ce_grad_: {name} must be contiguous of shape ({R},), "
+                                 f"got {tuple(t.shape)}")
+        if lse.dtype != torch.float32 or coef.dtype != torch.float32:
+            raise TypeError("launch_linear_ce_grad_: lse and coef must be float32")
     if R == 0 or C == 0:
         return x
     block, warps = _config(C, x.dtype)

@@ -2,9 +2,10 @@
 
     pytest tests/gpu/test_linear_cuda.py -q
 
-Gradients against float64 dense references (computed in row chunks so the references fit), the
-Triton kernels against the torch path, peak memory against a bound derived from the chunking, and a
-sync-free call under torch.cuda.set_sync_debug_mode("error"). Needs ~20 GB of GPU memory.
+Gradients against float64 dense references (computed in row chunks so the references fit), the CUDA
+kernels of the cggr.linear_ops ops against their CPU implementations and float64, opcheck of those ops
+on CUDA, peak memory against a bound derived from the chunking, and a sync-free call under
+torch.cuda.set_sync_debug_mode("error"). Needs ~20 GB of GPU memory.
 """
 import math
 import os
@@ -138,9 +139,8 @@ def test_stats_match_token_stats_of_full_logits():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("softcap", [None, 20.0])
-def test_triton_kernels_match_torch_path(dtype, softcap):
-    from cggr.triton_kernels.linear_ce import launch_linear_ce_grad_, launch_softcap_
-
+def test_cuda_kernels_match_cpu_implementations(dtype, softcap):
+    """The ops on CUDA tensors (Triton) against the same ops on CPU tensors (torch)."""
     g = torch.Generator(device="cuda").manual_seed(1)
     R, C, v0 = 512, 12345, 4000
     x = (torch.randn(R, C, device="cuda", generator=g) * 4).to(dtype)
@@ -148,15 +148,49 @@ def test_triton_kernels_match_torch_path(dtype, softcap):
     t = torch.randint(0, 20000, (R,), device="cuda", generator=g)
     coef = torch.rand(R, device="cuda", generator=g)
     coef[::7] = 0.0
-    expect = L._ce_grad_(x.cpu(), lse.cpu(), t.cpu(), coef.cpu(), v0, softcap)
-    got = launch_linear_ce_grad_(x.clone(), lse, t, coef, v0, softcap).cpu()
+    expect = ops.linear_ce_grad_(x.cpu(), lse.cpu(), t.cpu(), coef.cpu(), v0, softcap)
+    got = ops.linear_ce_grad_(x.clone(), lse, t, coef, v0, softcap).cpu()
     rtol = 1e-5 if dtype == torch.float32 else (1e-2 if softcap is None else 3e-2)
     torch.testing.assert_close(got.float(), expect.float(), rtol=rtol, atol=1e-6)
     assert not got[::7].any()
-    expect = L._softcap_(x.cpu(), 7.0)
-    got = launch_softcap_(x.clone(), 7.0).cpu()
+    expect = ops.softcap_(x.cpu(), 7.0)
+    got = ops.softcap_(x.clone(), 7.0).cpu()
     torch.testing.assert_close(got.float(), expect.float(), rtol=1e-6 if dtype == torch.float32 else 8e-3,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_addmm_f32_cuda_matches_float64(dtype):
+    """cuBLAS with float32 output from half inputs: the running sum is never rounded to the half type."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    M, K, N = 1031, 2049, 577
+    a = [torch.randn(M, K, device="cuda", generator=g).to(dtype) for _ in range(3)]
+    b = [torch.randn(K, N, device="cuda", generator=g).to(dtype) for _ in range(3)]
+    acc = torch.full((M, N), float("nan"), device="cuda")
+    for j in range(3):
+        ops.addmm_f32_(acc, a[j], b[j], accumulate=j > 0)
+    ref = sum(x.double() @ y.double() for x, y in zip(a, b))
+    assert rel(acc, ref) < 1e-6
+
+
+def test_opcheck_cuda():
+    g = torch.Generator(device="cuda").manual_seed(9)
+    R, C = 33, 3001
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(R, C, device="cuda", generator=g) * 4).to(dtype)
+        torch.library.opcheck(torch.ops.cggr.softcap_.default, (x.clone(), 5.0))
+        lse = torch.logsumexp(x.float(), dim=1)
+        t = torch.randint(0, 2 * C, (R,), device="cuda", generator=g)
+        t[3] = -100
+        coef = torch.rand(R, device="cuda", generator=g)
+        coef[3] = 0.0
+        for softcap in (None, 5.0):
+            torch.library.opcheck(torch.ops.cggr.linear_ce_grad_.default, (x.clone(), lse, t, coef, 1000, softcap))
+        a = torch.randn(R, 129, device="cuda", generator=g).to(dtype)
+        b = torch.randn(129, 65, device="cuda", generator=g).to(dtype)
+        for accumulate in (False, True):
+            torch.library.opcheck(torch.ops.cggr.addmm_f32_.default,
+                                  (torch.randn(R, 65, device="cuda", generator=g), a, b, accumulate))
 
 
 def test_no_host_sync_with_max_selected():
