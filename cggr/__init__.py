@@ -37,6 +37,8 @@ def __getattr__(name):
         globals()[name] = value
         return value
     if name in ("RunningBaseline", "otsu_threshold"):
-        raise AttributeError(f"cggr.{name} moved to cggr.experimental.{name} (it lost in every measured regime; "
+        from ._legacy import MovedError
+
+        raise MovedError(f"cggr.{name} moved to cggr.experimental.{name} (it lost in every measured regime; "
                              "BENCHMARKS.md)")
     raise AttributeError(f"module 'cggr' has no attribute {name!r}")

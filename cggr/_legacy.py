@@ -7,7 +7,7 @@ import warnings
 
 from .options import StepOptions
 from .policies import (POLICY_AUTO, ExcessLossRows, HardestRows, RandomRows, ReferenceFilter, ReferenceRanked,
-                       RouterSettings)
+                       RouterSettings, resolve_policy)
 from .schedule import RatioSchedule
 
 POLICY_KEYS = ("scoring", "selection", "router_layers", "router_token_stride", "router_max_positions",
@@ -17,6 +17,11 @@ SCHEDULE_KEYS = ("dynamic_threshold", "threshold_sensitivity")
 STEP_KEYS = ("compile", "compile_options", "collect_timing", "loss_impl", "token_ratio", "loss_chunk_size",
              "forward_impl")
 LEGACY_KEYS = POLICY_KEYS + SCHEDULE_KEYS + STEP_KEYS
+
+class MovedError(ImportError):
+    """A 0.5 name that moved (to ``cggr.experimental``). An ImportError, not an AttributeError, so that
+    ``from cggr.reference import RunningBaseline`` shows where it went instead of "cannot import name"."""
+
 
 _MOVED_POLICIES = {"stratified": "cggr.experimental.HalfHardestRows(scoring=...)",
                    "importance": "cggr.experimental.ImportanceRows(mix=..., temperature=...)"}
@@ -81,10 +86,22 @@ def translate(old: dict, policy, router_given: bool, min_tokens_ratio, warmup_st
         new.append(f"schedule=RatioSchedule(min_tokens_ratio={min_tokens_ratio!r}, warmup_steps={warmup_steps!r}, "
                    f"schedule={schedule.schedule!r}, dynamic_threshold={schedule.dynamic_threshold!r}, "
                    f"threshold_sensitivity={schedule.threshold_sensitivity!r})")
+    resolved = resolve_policy(policy, router_given)
+    if isinstance(schedule, RatioSchedule) and schedule.dynamic_threshold and not resolved.uses_router:
+        raise ValueError(f"dynamic_threshold=True adjusts the ratio by the router's batch confidence, and "
+                         f"{resolved!r} runs no router (0.5 built one for it alone). New spelling: "
+                         "policy=cggr.HardestRows(...), schedule=RatioSchedule(..., dynamic_threshold=True), or "
+                         "leave the dynamic threshold off")
+    unused = [key for key in ("scoring", "router_layers", "router_token_stride", "router_max_positions",
+                              "router_chunk_size", "combined_weights") if key in old and not resolved.uses_router]
+    note = ""
+    if unused:
+        note = (f". Not used: {', '.join(unused)}: {resolved!r} picks rows without a router, as 0.5 did; pass "
+                "policy=cggr.HardestRows(...) to rank rows by the router")
     step_options = None
     if any(key in old for key in STEP_KEYS):
         step_options = StepOptions(**{key: old[key] for key in STEP_KEYS if key in old})
         new.append(f"step_options={step_options!r}")
     warnings.warn(f"CGGRModel({', '.join(k + '=...' for k in sorted(old))}) is deprecated and will be removed in cggr 0.7; "
-                  f"the same model is CGGRModel(model, {', '.join(new)})", FutureWarning, stacklevel=3)
+                  f"the same model is CGGRModel(model, {', '.join(new)}){note}", FutureWarning, stacklevel=3)
     return policy, schedule, step_options

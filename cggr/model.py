@@ -212,8 +212,10 @@ class CGGRModel(nn.Module):
         except ValueError as error:
             if "num_layers" not in str(error):
                 raise
-            raise ValueError(f"{self.policy!r}: its router has {layers} block(s) (RouterSettings(layers=...)), "
-                             f"which this model cannot give: {error}. Pass a shallower router, e.g. "
+            depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            raise ValueError(f"{self.policy!r}: its router runs the model's first {layers} block(s) "
+                             f"(RouterSettings(layers={layers})), and a router must be shallower than the model "
+                             f"({depth} blocks). Pass a shallower router, e.g. "
                              f"{type(self.policy).__name__}(router=cggr.RouterSettings(layers=1))") from None
 
     # -- curriculum state ----------------------------------------------------------------------------
@@ -536,7 +538,7 @@ class CGGRModel(nn.Module):
     def router_row_nll(self) -> Optional[torch.Tensor]:
         """[B] float32 (device) mean NLL of each row's scored tokens under the router in the last forward
         with labels (NaN for a row with nothing scored), or None when that forward ran no router pass
-        (ratio 1, or a policy without scores). For ``cggr.reference.RunningBaseline.update``."""
+        (ratio 1, or a policy without scores). For ``cggr.experimental.RunningBaseline.update``."""
         return self._router_row_nll
 
     # -- metrics ----------------------------------------------------------------------------------

@@ -139,18 +139,21 @@ class HardestRows(RowPolicy):
     design). ``scoring``: entropy|margin|loss|combined (``cggr.scoring``; ``combined_weights`` only with
     ``'combined'``); ``router``: ``RouterSettings`` (default: 4 blocks, every position)."""
     uses_router = True
+    accepts_excess_loss = False  # HardestRows by excess loss is ExcessLossRows; subclasses may allow it
 
     def __init__(self, scoring: str = "loss", router: Optional[RouterSettings] = None,
                  combined_weights=None):
         scoring = check_strategy(scoring)
-        if scoring == "excess_loss":
-            raise ValueError("HardestRows(scoring='excess_loss'): use cggr.ExcessLossRows(), the policy for "
-                             "rows ranked by excess loss (it has the router defaults measured for it)")
+        if scoring == "excess_loss" and not self.accepts_excess_loss:
+            raise ValueError(f"{type(self).__name__}(scoring='excess_loss'): use cggr.ExcessLossRows(), the policy "
+                             "for rows ranked by excess loss (it has the router defaults measured for it)")
         if combined_weights is not None and scoring != "combined":
             raise ValueError(f"combined_weights apply to scoring='combined' only, got scoring={scoring!r}")
         self.scoring = scoring
         self.combined_weights = check_combined_weights(combined_weights) if scoring == "combined" else None
-        self.router = _check_router(router, RouterSettings())
+        # excess loss: ExcessLossRows' measured router (1 block, every 8th position)
+        default = RouterSettings(layers=1, token_stride=8) if scoring == "excess_loss" else RouterSettings()
+        self.router = _check_router(router, default)
 
     def _fields(self):
         fields = {"scoring": self.scoring, "router": self.router}
@@ -230,6 +233,9 @@ def resolve_policy(policy: Union[str, RowPolicy], router_given: bool) -> RowPoli
                              f"ExcessLossRows(), ReferenceFilter(threshold), ReferenceRanked(threshold)), "
                              f"got {policy!r}")
         return HardestRows() if router_given else RandomRows()
+    if type(policy).__name__ == "TruncatedRouter":
+        raise TypeError("CGGRModel's second positional argument is now policy (cggr 0.6): pass the router by "
+                        "keyword, CGGRModel(model, router=create_truncated_router(model, num_layers=...))")
     if not isinstance(policy, RowPolicy):
         raise TypeError(f"policy must be 'auto' or a cggr.RowPolicy, got {type(policy).__name__}")
     if router_given and not policy.uses_router:

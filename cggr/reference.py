@@ -128,6 +128,8 @@ _MOVED = {"RunningBaseline": "cggr.experimental.RunningBaseline", "otsu_threshol
 
 def __getattr__(name):
     if name in _MOVED:
-        raise AttributeError(f"cggr.reference.{name} moved to {_MOVED[name]} (it lost in every measured regime; "
+        from ._legacy import MovedError
+
+        raise MovedError(f"cggr.reference.{name} moved to {_MOVED[name]} (it lost in every measured regime; "
                              "BENCHMARKS.md)")
     raise AttributeError(f"module 'cggr.reference' has no attribute {name!r}")

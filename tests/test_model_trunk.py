@@ -1,10 +1,14 @@
-"""ModelTrunk and CGGRModel(forward_impl='trunk'): the model's own modules in the order of its forward, so
-the logits, the loss and the gradients equal the model's own forward (in eval and in training mode,
-dropout included). The GPU check that it issues no host synchronisation is in tests/gpu/test_model_cuda.py."""
+"""ModelTrunk and CGGRModel(step_options=StepOptions(forward_impl='trunk')): the model's own modules in the
+order of its forward, so the logits, the loss and the gradients equal the model's own forward (in eval and in
+training mode, dropout included). The GPU check that it issues no host synchronisation is in
+tests/gpu/test_model_cuda.py."""
 import pytest
 import torch
 
+from cggr.experimental import ImportanceRows
 from cggr.model import CGGRModel
+from cggr.options import StepOptions
+from cggr.policies import HardestRows, RandomRows, RouterSettings
 from cggr.router import ModelTrunk
 
 from test_router import ALL_FAMILIES, VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest)
@@ -76,24 +80,25 @@ def test_trunk_takes_position_ids_and_token_type_ids_like_the_model():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _loss_and_grads(family, forward_impl, padded, **kwargs):
+def _loss_and_grads(family, forward_impl, padded, policy, **options):
     model = tiny_model(family, layers=3, seed=0).train()
     ids, labels, mask = padded_batch()
-    m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=1, seed=4, forward_impl=forward_impl,
-                  **kwargs)
+    m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=policy, seed=4,
+                  step_options=StepOptions(forward_impl=forward_impl, **options))
     loss = m(ids, labels=labels, attention_mask=mask if padded else None)
     loss.backward()
     return loss.detach(), m.selected_rows, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("options", [dict(selection="hardest"), dict(selection="random", loss_impl="fused"),
-                                     dict(selection="importance")],
+@pytest.mark.parametrize("policy,options", [(HardestRows(router=RouterSettings(layers=1)), {}),
+                                            (RandomRows(), dict(loss_impl="fused")),
+                                            (ImportanceRows(router=RouterSettings(layers=1)), {})],
                          ids=["hardest-model_loss", "random-fused_loss", "importance-weighted_loss"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_cggr_model_trunk_forward_equals_the_model_forward(family, options, padded):
-    want_loss, want_rows, want_grads = _loss_and_grads(family, "model", padded, **options)
-    loss, rows, got_grads = _loss_and_grads(family, "trunk", padded, **options)
+def test_cggr_model_trunk_forward_equals_the_model_forward(family, policy, options, padded):
+    want_loss, want_rows, want_grads = _loss_and_grads(family, "model", padded, policy, **options)
+    loss, rows, got_grads = _loss_and_grads(family, "trunk", padded, policy, **options)
     assert torch.equal(rows, want_rows)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     assert set(got_grads) == set(want_grads) and got_grads
@@ -105,7 +110,8 @@ def test_trunk_forward_passes_num_items_in_batch_to_the_loss():
     model = tiny_model("llama", layers=2)
     ids, labels, _ = padded_batch()
     for forward_impl in ("model", "trunk"):
-        m = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, forward_impl=forward_impl)
+        m = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0,
+                      step_options=StepOptions(forward_impl=forward_impl))
         with torch.no_grad():
             loss = m(ids, labels=labels, num_items_in_batch=torch.tensor(1000))
         n_valid = (labels[:, 1:] != -100).sum()
@@ -117,31 +123,34 @@ def test_trunk_forward_passes_num_items_in_batch_to_the_loss():
 def test_trunk_forward_rejects_what_it_cannot_honour():
     model = tiny_model("llama", layers=2)
     ids, labels, _ = padded_batch()
-    m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, router_layers=1, forward_impl="trunk")
+    m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=HardestRows(router=RouterSettings(layers=1)),
+                  step_options=StepOptions(forward_impl="trunk"))
     with pytest.raises(ValueError, match=r"forward_impl='trunk' .* got output_attentions"):
         m(ids, labels=labels, output_attentions=True)
-    with pytest.raises(ValueError, match=r"forward_impl must be one of \('model', 'trunk'\), got 'hf'"):
-        CGGRModel(model, forward_impl="hf")
+    with pytest.raises(ValueError, match=r"StepOptions.forward_impl must be one of \('model', 'trunk'\), got 'hf'"):
+        StepOptions(forward_impl="hf")
 
-    class Unsupported(torch.nn.Module):
+    class UnsupportedForCausalLM(torch.nn.Module):  # a causal LM by name, of no family ModelTrunk knows
         def forward(self, input_ids, **kwargs):
             return None
 
-    with pytest.raises(TypeError, match="forward_impl='trunk': unsupported architecture Unsupported"):
-        CGGRModel(Unsupported(), selection="random", forward_impl="trunk")
-    with pytest.raises(TypeError, match="ModelTrunk: unsupported architecture Unsupported"):
-        ModelTrunk(Unsupported())
+    with pytest.raises(TypeError, match=r"StepOptions\(forward_impl='trunk'\): unsupported architecture "
+                                        "UnsupportedForCausalLM"):
+        CGGRModel(UnsupportedForCausalLM(), policy=RandomRows(), step_options=StepOptions(forward_impl="trunk"))
+    with pytest.raises(TypeError, match="ModelTrunk: unsupported architecture UnsupportedForCausalLM"):
+        ModelTrunk(UnsupportedForCausalLM())
 
 
 def test_trunk_forward_compiles():
-    """compile='model' with forward_impl='trunk' compiles the trunk (dynamo's eager backend: the tracing,
+    """StepOptions(compile='model', forward_impl='trunk') compiles the trunk (dynamo's eager backend: the tracing,
     not inductor, is what this checks on the CPU) and keeps the loss."""
     ids, labels, _ = padded_batch()
     losses = []
     for compile in (False, "model"):
         model = tiny_model("llama", layers=2)
-        m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="random", seed=2, forward_impl="trunk",
-                      compile=compile, compile_options={"backend": "eager"} if compile else None)
+        options = StepOptions(forward_impl="trunk", compile=compile,
+                              compile_options={"backend": "eager"} if compile else None)
+        m = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=RandomRows(), seed=2, step_options=options)
         losses.append(m(ids, labels=labels))
         losses[-1].backward()
         assert model.model.layers[-1].mlp.down_proj.weight.grad is not None

@@ -1,4 +1,5 @@
-"""Row policies of CGGRModel: importance sampling (unbiased full-batch estimator) and excess-loss rows."""
+"""Row policies of CGGRModel: experimental importance sampling (unbiased full-batch estimator), excess-loss rows,
+the reference filters, and custom RowPolicy subclasses."""
 import math
 
 import pytest
@@ -6,7 +7,12 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
-from cggr.model import ROW_POLICIES, CGGRModel, importance_probabilities, register_row_policy
+from cggr.experimental import ImportanceRows, importance_probabilities
+from cggr.model import CGGRModel
+from cggr.options import StepOptions
+from cggr.policies import (ExcessLossRows, HardestRows, RandomRows, ReferenceFilter, ReferenceRanked, RouterSettings,
+                           RowPolicy, RowSelection)
+from cggr.rows import reference_row_means
 
 VOCAB = 64
 B, T = 6, 9
@@ -35,9 +41,17 @@ def padded_batch(seed=3):
     return ids, labels, mask
 
 
-def cggr_for(model, k, **kw):
-    kw.setdefault("selection", "importance")
-    return CGGRModel(model, min_tokens_ratio=k / B, warmup_steps=0, router_layers=1, **kw)
+ROUTER = RouterSettings(layers=1)
+
+
+def importance(mix=0.9, temperature=1.0, scoring="loss"):
+    return ImportanceRows(mix=mix, temperature=temperature, scoring=scoring, router=ROUTER)
+
+
+def cggr_for(model, k, policy=None, **kw):
+    """CGGRModel keeping k of the B rows from the first step (default policy: ImportanceRows, 1-block router)."""
+    return CGGRModel(model, policy=importance() if policy is None else policy, min_tokens_ratio=k / B,
+                     warmup_steps=0, **kw)
 
 
 def expected_p(row_scores, mix, temperature):
@@ -74,18 +88,16 @@ def test_importance_k1_expectation_equals_full_batch_loss_and_gradient(mix, temp
     full.backward()
     full_grad = param.grad.clone()
 
-    cggr = cggr_for(model, 1, importance_mix=mix, importance_temperature=temperature)
+    cggr = cggr_for(model, 1, importance(mix, temperature))
     row_scores, _ = cggr._score_rows(ids, labels, mask, {}, None)
     assert row_scores[5] == -math.inf and torch.isfinite(row_scores[:5]).all()
     p = expected_p(row_scores, mix, temperature)
     torch.testing.assert_close(importance_probabilities(row_scores, mix, temperature).double(), p,
                                rtol=1e-5, atol=1e-7)
 
-    # Enumerate the outcomes of k=1 through the real forward: reseed until every row was drawn once.
+    # Enumerate the outcomes of k=1 through the real forward (every call draws afresh) until every row was drawn.
     losses, grads = {}, {}
-    gen = cggr._generator(ids.device)
-    for seed in range(5000):
-        gen.manual_seed(seed)
+    for _ in range(5000):
         model.zero_grad()
         loss = cggr(ids, labels=labels, attention_mask=mask)
         row = int(cggr.selected_rows.item())
@@ -112,15 +124,13 @@ def test_importance_k2_estimator_with_duplicates():
     """Every draw's loss is (1/k) sum_j c_{i_j} / (p_{i_j} n_total), repeated rows included."""
     model = llama()
     ids, labels, mask = padded_batch()
-    cggr = cggr_for(model, 2, importance_temperature=0.3)
+    cggr = cggr_for(model, 2, importance(temperature=0.3))
     row_scores, _ = cggr._score_rows(ids, labels, mask, {}, None)
     p = expected_p(row_scores, 0.9, 0.3)
     with torch.no_grad():
         c, n_total = row_losses(model, ids, labels, mask)
-    gen = cggr._generator(ids.device)
     seen_duplicate = seen_distinct = False
-    for seed in range(200):
-        gen.manual_seed(seed)
+    for _ in range(200):
         with torch.no_grad():
             loss = cggr(ids, labels=labels, attention_mask=mask)
         rows = cggr.selected_rows.tolist()
@@ -138,7 +148,7 @@ def test_importance_reproducible_and_fused_matches():
     model = llama()
     ids, labels, mask = padded_batch()
     a, b = cggr_for(model, 2, seed=7), cggr_for(model, 2, seed=7)
-    fused = cggr_for(model, 2, seed=7, loss_impl="fused")
+    fused = cggr_for(model, 2, seed=7, step_options=StepOptions(loss_impl="fused"))
     for _ in range(3):
         with torch.no_grad():
             la = a(ids, labels=labels, attention_mask=mask)
@@ -152,14 +162,14 @@ def test_importance_reproducible_and_fused_matches():
 # -- (b) the sampling distribution -----------------------------------------------------------------
 
 def test_importance_draw_frequencies_follow_p():
-    select = ROW_POLICIES["importance"].select
     scores = torch.tensor([0.5, 2.0, -math.inf, 1.0, 0.0, 3.0])
     gen = torch.Generator().manual_seed(0)
     mix, temperature, k, calls = 0.7, 1.5, 5, 2000
+    select = ImportanceRows(mix=mix, temperature=temperature).select
     p = expected_p(scores, mix, temperature)
     counts = torch.zeros(6, dtype=torch.float64)
     for _ in range(calls):
-        sel = select(scores, k, gen, mix=mix, temperature=temperature)
+        sel = select(scores, k, gen)
         assert sel.indices.dtype == torch.int64 and torch.equal(sel.indices, torch.sort(sel.indices).values)
         torch.testing.assert_close(sel.row_weight.double(), 1.0 / (k * p[sel.indices]), rtol=1e-5, atol=0)
         counts += torch.bincount(sel.indices, minlength=6).double()
@@ -173,7 +183,7 @@ def test_importance_draw_frequencies_follow_p():
 
 def test_importance_edge_distributions():
     gen = torch.Generator().manual_seed(0)
-    select = ROW_POLICIES["importance"].select
+    select = ImportanceRows(mix=1.0).select
     # nothing scored: uniform whatever mix
     p = importance_probabilities(torch.full((4,), -math.inf), mix=1.0)
     torch.testing.assert_close(p, torch.full((4,), 0.25))
@@ -182,37 +192,42 @@ def test_importance_edge_distributions():
                                torch.full((3,), 1 / 3))
     scores = torch.tensor([1.0, -math.inf, 0.0, -math.inf])
     for _ in range(200):
-        assert not set(select(scores, 3, gen, mix=1.0).indices.tolist()) & {1, 3}
+        assert not set(select(scores, 3, gen).indices.tolist()) & {1, 3}
     # temperature -> small: all mass on the best scored row
     p = importance_probabilities(torch.tensor([1.0, 3.0, 2.0]), mix=1.0, temperature=1e-3)
     torch.testing.assert_close(p, torch.tensor([0.0, 1.0, 0.0]))
-    assert ROW_POLICIES["importance"].loss_norm == "batch" and ROW_POLICIES["hardest"].loss_norm == "selected"
+    assert ImportanceRows().loss_norm == "batch" and HardestRows().loss_norm == "selected"
 
 
 # -- (c) options -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,match", [
-    ({"importance_mix": -0.1}, "importance_mix"), ({"importance_mix": 1.5}, "importance_mix"),
-    ({"importance_mix": float("nan")}, "importance_mix"), ({"importance_mix": "0.5"}, "importance_mix"),
-    ({"importance_mix": True}, "importance_mix"),
-    ({"importance_temperature": 0.0}, "importance_temperature"),
-    ({"importance_temperature": -1.0}, "importance_temperature"),
-    ({"importance_temperature": float("inf")}, "importance_temperature"),
-    ({"importance_temperature": float("nan")}, "importance_temperature"),
-    ({"importance_temperature": None}, "importance_temperature"),
+    ({"mix": -0.1}, "mix must be"), ({"mix": 1.5}, "mix must be"),
+    ({"mix": float("nan")}, "mix must be"), ({"mix": "0.5"}, "mix must be"),
+    ({"mix": True}, "mix must be"),
+    ({"temperature": 0.0}, "temperature must be"),
+    ({"temperature": -1.0}, "temperature must be"),
+    ({"temperature": float("inf")}, "temperature must be"),
+    ({"temperature": float("nan")}, "temperature must be"),
+    ({"temperature": None}, "temperature must be"),
 ])
 def test_bad_importance_options_raise(kw, match):
     with pytest.raises(ValueError, match=match):
-        cggr_for(llama(), 2, **kw)
+        ImportanceRows(**kw)
 
 
 def test_importance_rejects_token_ratio_and_bad_loss_norm():
-    with pytest.raises(ValueError, match="token_ratio < 1"):
-        cggr_for(llama(), 2, loss_impl="fused", token_ratio=0.5)
-    with pytest.raises(ValueError, match="loss_norm"):
-        register_row_policy("test_bad_norm", ROW_POLICIES["hardest"].select, loss_norm="tokens")
-    cggr_for(llama(), 2, importance_mix=0, importance_temperature=3)   # ints are fine; bounds inclusive
-    cggr_for(llama(), 2, importance_mix=1.0)
+    with pytest.raises(ValueError, match=r"ImportanceRows\(.*\) estimates the full batch's loss; "
+                                         r"StepOptions\(token_ratio < 1\)"):
+        cggr_for(llama(), 2, step_options=StepOptions(loss_impl="fused", token_ratio=0.5))
+
+    class TokenNorm(HardestRows):
+        loss_norm = "tokens"
+
+    with pytest.raises(ValueError, match="TokenNorm.loss_norm must be one of"):
+        cggr_for(llama(), 2, TokenNorm(router=ROUTER))
+    ImportanceRows(mix=0, temperature=3)   # ints are fine; bounds inclusive
+    assert importance(mix=1.0).mix == 1.0 and cggr_for(llama(), 2, importance(mix=1.0)).policy.mix == 1.0
 
 
 # -- (d) excess_loss end to end --------------------------------------------------------------------
@@ -222,7 +237,7 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     ids, labels, mask = padded_batch()
     labels[5, 3:7] = ids[5, 3:7]   # score every row here
     k = 2
-    by_loss = cggr_for(model, k, selection="hardest", scoring="loss")
+    by_loss = cggr_for(model, k, HardestRows("loss", ROUTER))
     loss_rows, _ = by_loss._score_rows(ids, labels, mask, {}, None)
     assert torch.isfinite(loss_rows).all()
     with torch.no_grad():
@@ -236,7 +251,7 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     rank = torch.empty(B)
     rank[order] = torch.arange(B, dtype=torch.float32)
     reference = (loss_rows - rank)[:, None].expand(B, T - 1).contiguous()
-    by_excess = cggr_for(model, k, selection="hardest", scoring="excess_loss", router_token_stride=1)
+    by_excess = cggr_for(model, k, ExcessLossRows(RouterSettings(layers=1, token_stride=1)))
     excess_rows, _ = by_excess._score_rows(ids, labels, mask, {}, reference)
     torch.testing.assert_close(excess_rows, rank, rtol=0, atol=1e-4)
     with torch.no_grad():
@@ -248,10 +263,24 @@ def test_excess_loss_hardest_flips_the_loss_ranking():
     with torch.no_grad():
         plain = model(ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
     torch.testing.assert_close(loss, plain)
-    # excess_loss with importance sampling runs too (the router's excess drives p)
-    imp = cggr_for(model, k, scoring="excess_loss")
+
+
+def test_importance_with_excess_loss_scoring():
+    """Importance sampling driven by the router's excess loss, as selection='importance',
+    scoring='excess_loss' ran before the policies moved to cggr.experimental (HalfHardestRows kept it too)."""
+    model = llama()
+    ids, labels, mask = padded_batch()
+    labels[5, 3:7] = ids[5, 3:7]   # score every row here
+    reference = torch.rand(B, T - 1, generator=torch.Generator().manual_seed(2)) * 4
+    imp = cggr_for(model, 2, importance(scoring="excess_loss"))
+    assert imp.policy.needs_reference_nll and imp.policy.scoring == "excess_loss"
+    excess = cggr_for(model, 2, ExcessLossRows(ROUTER))
+    torch.testing.assert_close(imp._score_rows(ids, labels, mask, {}, reference)[0],
+                               excess._score_rows(ids, labels, mask, {}, reference)[0])
     with torch.no_grad():
         assert torch.isfinite(imp(ids, labels=labels, attention_mask=mask, reference_nll=reference))
+    with pytest.raises(ValueError, match="reference_nll"):
+        imp(ids, labels=labels, attention_mask=mask)
 
 
 # -- (e) reference_filter: the reference as a domain filter, no router ---------------------------------
@@ -267,8 +296,6 @@ def reference_row_means_float64(reference, labels, mask):
 
 
 def test_reference_row_means_match_float64():
-    from cggr.model import reference_row_means
-
     ids, labels, mask = padded_batch()
     for seed in range(3):
         reference = torch.rand(B, T - 1, generator=torch.Generator().manual_seed(seed)) * 8
@@ -303,7 +330,7 @@ def _selections(m, k, ids, labels, mask, reference, draws=60):
 def test_reference_filter_takes_in_domain_rows_first_then_random(in_domain, k):
     model = llama()
     ids, labels, mask, reference = _in_domain_reference(in_domain)
-    m = cggr_for(model, k, selection="reference_filter", reference_threshold=3.0, seed=7)
+    m = cggr_for(model, k, ReferenceFilter(3.0), seed=7)
     assert m.router is None  # no router pass: the reference is the whole signal
     seen = set()
     for rows in _selections(m, k, ids, labels, mask, reference):
@@ -328,15 +355,13 @@ def _ranked_reference(row_levels):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_reference_ranked_takes_in_domain_rows_lowest_first_then_random(k):
-    from cggr.model import reference_row_means
-
     # row means 2.5, 0.5, 9, 1.5, 2.9, (row 5: nothing scored); threshold 3: rows 1, 3, 0, 4 pass, in that order
     ids, labels, mask, reference = _ranked_reference([2.5, 0.5, 9.0, 1.5, 2.9, 0.1])
     means = reference_row_means(reference, labels, mask)
     torch.testing.assert_close(means[:5], torch.tensor([2.5, 0.5, 9.0, 1.5, 2.9]))
     assert torch.isnan(means[5])
     model = llama()
-    m = cggr_for(model, k, selection="reference_ranked", reference_threshold=3.0, seed=11)
+    m = cggr_for(model, k, ReferenceRanked(threshold=3.0), seed=11)
     assert m.router is None
     ranked = [1, 3, 0, 4]
     seen = set()
@@ -347,17 +372,20 @@ def test_reference_ranked_takes_in_domain_rows_lowest_first_then_random(k):
     assert seen == ({2, 5} if k > 4 else set())
 
 
-def test_reference_ranked_needs_its_threshold():
-    model = llama()
-    with pytest.raises(ValueError, match="reference_threshold is needed by selection='reference_filter' or "
-                                         "'reference_ranked'"):
-        cggr_for(model, 2, selection="reference_ranked")
+def test_reference_policies_need_their_threshold():
+    for cls in (ReferenceFilter, ReferenceRanked):
+        with pytest.raises(TypeError, match="threshold"):
+            cls()
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            cls(None)
+        assert cls(3).threshold == 3.0 and cls(3) == cls(3.0) and cls(3) != cls(2.5)
+    assert ReferenceFilter(3.0) != ReferenceRanked(3.0)
 
 
 def test_reference_filter_loss_is_the_models_loss_on_its_rows():
     model = llama()
     ids, labels, mask, reference = _in_domain_reference({1, 4})
-    m = cggr_for(model, 2, selection="reference_filter", reference_threshold=3.0)
+    m = cggr_for(model, 2, ReferenceFilter(3.0))
     loss = m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
     assert m.selected_rows.tolist() == [1, 4]
     plain = model(ids[[1, 4]], attention_mask=mask[[1, 4]], labels=labels[[1, 4]]).loss
@@ -369,86 +397,95 @@ def test_reference_filter_loss_is_the_models_loss_on_its_rows():
 def test_reference_filter_bad_input():
     model = llama()
     ids, labels, mask, reference = _in_domain_reference({0})
-    with pytest.raises(ValueError, match="reference_threshold is needed by selection='reference_filter'"):
-        cggr_for(model, 2, selection="reference_filter")
-    with pytest.raises(ValueError, match="reference_threshold is needed"):
-        cggr_for(model, 2, selection="random", reference_threshold=3.0)
+    with pytest.raises(TypeError):
+        RandomRows(3.0)  # a threshold belongs to the reference policies only
     for bad in (float("nan"), float("inf"), "3", True):
-        with pytest.raises(ValueError, match="reference_threshold must be None or a finite number"):
-            cggr_for(model, 2, selection="reference_filter", reference_threshold=bad)
-    m = cggr_for(model, 2, selection="reference_filter", reference_threshold=3)
-    with pytest.raises(ValueError, match="reference_nll is needed"):
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            ReferenceFilter(bad)
+    m = cggr_for(model, 2, ReferenceFilter(3))
+    assert m.router is None
+    with pytest.raises(ValueError, match=r"reference_nll: ReferenceFilter\(threshold=3.0\) ranks rows by a reference"):
         m(ids, labels=labels, attention_mask=mask)
     with pytest.raises(ValueError, match=r"reference_nll: expected a tensor of shape \(6, 8\).*\(6, 9\)"):
         m(ids, labels=labels, attention_mask=mask, reference_nll=torch.zeros(B, T))
-    with pytest.raises(ValueError, match="reference_nll is needed"):
-        cggr_for(model, 2, selection="random")(ids, labels=labels, reference_nll=reference)
+    with pytest.raises(ValueError, match=r"reference_nll was given, but RandomRows\(\) does not use it"):
+        cggr_for(model, 2, RandomRows())(ids, labels=labels, reference_nll=reference)
+
+    class BothInputs(HardestRows):
+        uses_reference_rows = True
+
     with pytest.raises(ValueError, match="either on router scores"):
-        register_row_policy("test_both_inputs", ROW_POLICIES["hardest"].select, needs_scores=True,
-                            reference_rows=True)
+        cggr_for(model, 2, BothInputs(router=ROUTER))
 
 
-def test_registered_reference_policy_gets_row_means():
-    from cggr.model import RowSelection
+class LowestReference(RowPolicy):
+    """A custom policy on the reference's row means: the k lowest (NaN last); records what it got."""
+    uses_reference_rows = True
 
-    got = {}
+    def __init__(self):
+        self.got = []
 
-    def lowest_reference(row_reference, k, generator):
-        got["rows"] = row_reference.clone()
+    def select(self, row_reference, k, generator):
+        self.got.append(row_reference.clone())
         scores = torch.where(torch.isnan(row_reference), math.inf, row_reference)
         return RowSelection(torch.sort(torch.topk(-scores, k).indices).values, None)
 
-    register_row_policy("test_lowest_reference", lowest_reference, needs_scores=False, reference_rows=True,
-                        overwrite=True)
-    try:
-        model = llama()
-        ids, labels, mask, reference = _in_domain_reference({2, 3})
-        m = cggr_for(model, 2, selection="test_lowest_reference")
-        with torch.no_grad():
-            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        assert m.selected_rows.tolist() == [2, 3] and m.router is None
-        torch.testing.assert_close(got["rows"].double(), reference_row_means_float64(reference, labels, mask),
-                                   equal_nan=True)
-    finally:
-        ROW_POLICIES.pop("test_lowest_reference")
+
+def test_custom_reference_policy_gets_row_means():
+    model = llama()
+    ids, labels, mask, reference = _in_domain_reference({2, 3})
+    policy = LowestReference()
+    m = cggr_for(model, 2, policy)
+    assert m.router is None and m.policy.needs_reference_nll
+    with torch.no_grad():
+        m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+    assert m.selected_rows.tolist() == [2, 3]
+    assert len(policy.got) == 1
+    torch.testing.assert_close(policy.got[0].double(), reference_row_means_float64(reference, labels, mask),
+                               equal_nan=True)
+    with pytest.raises(ValueError, match=r"reference_nll: LowestReference\(\) ranks rows"):
+        m(ids, labels=labels, attention_mask=mask)
 
 
-def test_registered_policy_can_take_the_reference_threshold():
-    from cggr.model import RowSelection
+class UnderThresholdFirst(RowPolicy):
+    """A custom policy holding its own parameter (a threshold), as the built-in reference policies do."""
+    uses_reference_rows = True
 
-    got = {}
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.seen = []
 
-    def under_threshold_first(row_reference, k, generator, threshold):
-        got["threshold"] = threshold
-        keys = torch.where(row_reference <= threshold, 1.0, 0.0) + torch.arange(row_reference.numel()) * 1e-3
+    def select(self, row_reference, k, generator):
+        self.seen.append(self.threshold)
+        keys = torch.where(row_reference <= self.threshold, 1.0, 0.0) + torch.arange(row_reference.numel()) * 1e-3
         return RowSelection(torch.sort(torch.topk(keys, k).indices).values, None)
 
-    register_row_policy("test_threshold", under_threshold_first, needs_scores=False, reference_rows=True,
-                        needs_threshold=True, overwrite=True)
-    try:
-        model = llama()
-        ids, labels, mask, reference = _in_domain_reference({0, 4})
-        with pytest.raises(ValueError, match="reference_threshold is needed"):
-            cggr_for(model, 2, selection="test_threshold")
-        m = cggr_for(model, 2, selection="test_threshold", reference_threshold=3.0)
-        with torch.no_grad():
-            m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
-        assert got["threshold"] == 3.0 and m.selected_rows.tolist() == [0, 4]
-    finally:
-        ROW_POLICIES.pop("test_threshold")
+
+def test_custom_policy_holds_its_own_parameters():
+    model = llama()
+    ids, labels, mask, reference = _in_domain_reference({0, 4})
+    m = cggr_for(model, 2, UnderThresholdFirst(3.0))
+    with torch.no_grad():
+        m(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+    assert m.policy.seen == [3.0] and m.selected_rows.tolist() == [0, 4]
+    # the same policy with a threshold under every row's mean: no row passes, the highest indices win
+    low = cggr_for(model, 2, UnderThresholdFirst(0.5))
+    with torch.no_grad():
+        low(ids, labels=labels, attention_mask=mask, reference_nll=reference)
+    assert low.selected_rows.tolist() == [4, 5]
 
 
 def test_selected_rows_are_the_rows_that_carry_the_loss():
     """selected_rows names exactly the rows the loss is computed on; None once every row trains."""
     model = llama()
     ids, labels, mask = padded_batch()
-    m = CGGRModel(model, min_tokens_ratio=2 / B, warmup_steps=0, selection="random", seed=5)
+    m = CGGRModel(model, min_tokens_ratio=2 / B, warmup_steps=0, policy=RandomRows(), seed=5)
     assert m.selected_rows is None  # no forward yet
     loss = m(ids, labels=labels, attention_mask=mask)
     rows = m.selected_rows
     assert rows.shape == (2,) and rows.dtype == torch.int64
     expected = model(ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
     torch.testing.assert_close(loss, expected)
-    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="random")
+    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, policy=RandomRows())
     full(ids, labels=labels, attention_mask=mask)
     assert full.selected_rows is None

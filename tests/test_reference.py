@@ -1,12 +1,15 @@
-"""cggr.reference: ReferenceModel (per-token NLL of a frozen LM), RunningBaseline, CGGRModel.router_row_nll."""
+"""cggr.reference: ReferenceModel (per-token NLL of a frozen LM), domain_threshold, CGGRModel.router_row_nll;
+the parked cggr.experimental.RunningBaseline and otsu_threshold."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cggr.experimental import RunningBaseline, otsu_threshold
 from cggr.model import CGGRModel
-from cggr.reference import ReferenceModel, RunningBaseline, domain_threshold, otsu_threshold
+from cggr.policies import ExcessLossRows, HardestRows, ReferenceFilter, RouterSettings
+from cggr.reference import ReferenceModel, domain_threshold
 
 from test_router import VOCAB, tiny_model  # tests/ is on sys.path (rootdir conftest, no package)
 
@@ -137,7 +140,7 @@ def test_running_baseline_bad_input():
 def test_router_row_nll_is_the_routers_mean_loss_per_row():
     model = tiny_model("llama")
     ids, labels, mask = _batch(B=6)
-    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=1, scoring="loss")
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=HardestRows("loss", RouterSettings(layers=1)))
     cggr(ids, labels=labels, attention_mask=mask)
     rows, _ = cggr._score_rows(ids, labels, mask, {}, None)  # scoring 'loss': the row score is the mean NLL
     torch.testing.assert_close(cggr.router_row_nll, rows)
@@ -145,7 +148,7 @@ def test_router_row_nll_is_the_routers_mean_loss_per_row():
     labels_none[3] = -100
     cggr(ids, labels=labels_none, attention_mask=mask)
     assert torch.isnan(cggr.router_row_nll[3]) and torch.isfinite(cggr.router_row_nll[[0, 1, 2, 4, 5]]).all()
-    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=1)
+    full = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, policy=HardestRows(router=RouterSettings(layers=1)))
     full(ids, labels=labels)
     assert full.router_row_nll is None  # ratio 1: no router pass
 
@@ -154,8 +157,7 @@ def test_running_baseline_with_cggr_model_end_to_end():
     """Source keys: a source whose rows are all easy-for-it ranks by excess over its own running mean."""
     torch.manual_seed(0)
     model = tiny_model("llama")
-    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=1,
-                     scoring="excess_loss")
+    cggr = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=ExcessLossRows())  # 1 block, every 8th
     baseline = RunningBaseline(2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     for step in range(3):
@@ -261,11 +263,33 @@ def test_reference_model_row_nll_is_the_mean_over_scored_targets():
     assert got.dtype == torch.float32 and got.shape == (5,) and torch.isnan(got[1])
     for i in (0, 2, 3, 4):
         assert got[i].item() == pytest.approx(expected[i][valid[i]].mean().item(), rel=1e-5)
-    # the value CGGRModel(selection='reference_filter') compares with its threshold, for the same rows
+    # the value CGGRModel(policy=ReferenceFilter(threshold)) compares with its threshold, for the same rows
     finite = torch.where(torch.isnan(got), math.inf, got)
     lowest = int(torch.argmin(finite))
-    m = CGGRModel(model, min_tokens_ratio=0.2, warmup_steps=0, selection="reference_filter",
-                  reference_threshold=float(finite[lowest]))  # only the lowest row passes; k = 1
+    m = CGGRModel(model, min_tokens_ratio=0.2, warmup_steps=0,
+                  policy=ReferenceFilter(float(finite[lowest])))  # only the lowest row passes; k = 1
     with torch.no_grad():
         m(ids, labels=labels, attention_mask=mask, reference_nll=ReferenceModel(model)(ids, labels, mask))
     assert m.selected_rows.tolist() == [lowest]
+
+
+@pytest.mark.parametrize("name", ["RunningBaseline", "otsu_threshold"])
+def test_parked_signals_moved_to_experimental(name):
+    """The old names fail with an error naming the new one: an ImportError (``MovedError``), so that a
+    ``from ... import`` shows it too instead of "cannot import name"."""
+    import cggr.experimental
+    import cggr.reference
+
+    assert callable(getattr(cggr.experimental, name))
+    for module in (cggr.reference, cggr):
+        with pytest.raises(ImportError, match=rf"{name} moved to cggr\.experimental\.{name}"):
+            getattr(module, name)
+
+
+@pytest.mark.parametrize("module", ["cggr.reference", "cggr"])
+@pytest.mark.parametrize("name", ["RunningBaseline", "otsu_threshold"])
+def test_parked_signals_old_from_import_names_the_new_path(module, name):
+    """``from cggr.reference import RunningBaseline`` (the 0.5 spelling) must say where it went: Python turns
+    an AttributeError of a module ``__getattr__`` into a bare "cannot import name" ImportError."""
+    with pytest.raises(ImportError, match=rf"cggr\.experimental\.{name}"):
+        exec(f"from {module} import {name}", {})

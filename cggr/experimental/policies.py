@@ -15,14 +15,7 @@ class HalfHardestRows(HardestRows):
     otherwise). Measured as ``cggr_stratified`` / ``excess_stratified`` in ``cggr bench``.
     """
 
-    def __init__(self, scoring: str = "loss", router: Optional[RouterSettings] = None, combined_weights=None):
-        if scoring == "excess_loss":
-            self.scoring, self.combined_weights = "excess_loss", None
-            self.router = router if router is not None else RouterSettings(layers=1, token_stride=8)
-            if not isinstance(self.router, RouterSettings):
-                raise TypeError(f"router must be a cggr.RouterSettings, got {type(self.router).__name__}")
-        else:
-            super().__init__(scoring, router, combined_weights)
+    accepts_excess_loss = True
 
     def select(self, row_scores, k, generator):
         k_hard = (k + 1) // 2
@@ -65,10 +58,11 @@ class ImportanceRows(HardestRows):
     (``loss_norm='batch'``): its expectation, and its gradient's, is the plain model's token-mean loss on
     all B rows. A row drawn twice appears twice. Rows with ``p = 0`` are never drawn."""
     loss_norm = "batch"
+    accepts_excess_loss = True
 
     def __init__(self, mix: float = 0.9, temperature: float = 1.0, scoring: str = "loss",
-                 router: Optional[RouterSettings] = None):
-        super().__init__(scoring, router)
+                 router: Optional[RouterSettings] = None, combined_weights=None):
+        super().__init__(scoring, router, combined_weights)
         self.mix, self.temperature = _check_importance_options(mix, temperature)
 
     def _fields(self):

@@ -3,9 +3,9 @@
     pytest tests/gpu/test_model_cuda.py -q
 
 - the router + scoring + row selection path does not synchronise (torch.cuda.set_sync_debug_mode("error"));
-- compiled (compile='all') steps, 'model' and 'fused' loss: same loss as eager and no synchronisation at
+- compiled (StepOptions(compile='all')) steps, 'model' and 'fused' loss: same loss as eager and no synchronisation at
   all in forward + backward;
-- forward_impl='trunk': a whole eager step without synchronisation, the same loss as the model's forward;
+- StepOptions(forward_impl='trunk'): a whole eager step without synchronisation, the same loss as the model's forward;
 - logit lens and ratio-1.0 equality in bf16 on the GPU.
 Small Llama / GPT-2 configs (a few hundred MB at most).
 """
@@ -16,8 +16,13 @@ import pytest
 import torch
 import transformers as tf
 
+from cggr.experimental import HalfHardestRows, ImportanceRows
 from cggr.model import CGGRModel
+from cggr.options import StepOptions
+from cggr.policies import (ExcessLossRows, HardestRows, RandomRows, ReferenceFilter, ReferenceRanked,
+                           RouterSettings)
 from cggr.router import create_truncated_router
+from cggr.rows import reference_row_means
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -25,6 +30,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 VOCAB = 8192
+ROUTER = RouterSettings(layers=2)
+
+
+def hardest():
+    return HardestRows(router=ROUTER)
 
 
 def llama(layers=6, seed=0):
@@ -62,22 +72,34 @@ def no_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def _core_router_policy(scoring):
+    return ExcessLossRows(ROUTER) if scoring == "excess_loss" else HardestRows(scoring, ROUTER)
+
+
+# every policy with each scoring it takes (RandomRows has none: once)
+POLICIES = {
+    **{f"hardest-{s}": (lambda s=s: _core_router_policy(s)) for s in ("loss", "combined", "excess_loss")},
+    **{f"half_hardest-{s}": (lambda s=s: HalfHardestRows(s, ROUTER)) for s in ("loss", "combined", "excess_loss")},
+    **{f"importance-{s}": (lambda s=s: ImportanceRows(scoring=s, router=ROUTER))
+       for s in ("loss", "combined", "excess_loss")},
+    "random": RandomRows,
+}
+
+
 @pytest.mark.parametrize("make", [llama, gpt2])
-@pytest.mark.parametrize("selection", ["hardest", "stratified", "random", "importance"])
-@pytest.mark.parametrize("scoring", ["loss", "combined", "excess_loss"])
-def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_router_scoring_and_selection_do_not_sync(make, policy):
     model = make()
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, router_layers=2, selection=selection,
-                     scoring=scoring)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, policy=POLICIES[policy]())
     ids, labels = batch()
     k = 4
     reference = None
-    if scoring == "excess_loss":
+    if cggr.policy.needs_reference_nll:
         reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device=ids.device)
 
     def route():
         rows = None
-        if cggr.policy.needs_scores:
+        if cggr.policy.uses_router:
             rows, _ = cggr._score_rows(ids, labels, None, {}, reference)
         picked = cggr.policy.select(rows if rows is not None else ids.shape[0], k, cggr._generator(ids.device))
         return ids.index_select(0, picked.indices), labels.index_select(0, picked.indices)
@@ -88,22 +110,19 @@ def test_router_scoring_and_selection_do_not_sync(make, selection, scoring):
     assert rows_ids.shape == (k, ids.shape[1])
 
 
-@pytest.mark.parametrize("selection", ["reference_filter", "reference_ranked"])
-def test_reference_filter_selection_does_not_sync(selection):
-    from cggr.model import reference_row_means
-
+@pytest.mark.parametrize("policy_cls", [ReferenceFilter, ReferenceRanked])
+def test_reference_filter_selection_does_not_sync(policy_cls):
     model = llama()
-    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection=selection,
-                     reference_threshold=2.5)
+    cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, policy=policy_cls(2.5))
     ids, labels = batch()
     reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device=ids.device)
     cggr(ids, labels=labels, reference_nll=reference)  # lazy initialisation may synchronise
     with no_sync():
-        rows = cggr._select(reference_row_means(reference, labels, None), 4, cggr._generator(ids.device)).indices
+        rows = cggr.policy.select(reference_row_means(reference, labels, None), 4, cggr._generator(ids.device)).indices
     means = reference.mean(1)
     rows, in_domain = set(rows.tolist()), set((means <= 2.5).nonzero().flatten().tolist())
     assert len(rows) == 4 and (rows <= in_domain if len(in_domain) >= 4 else in_domain <= rows)
-    if selection == "reference_ranked":  # the lowest in-domain means, whatever the draw
+    if policy_cls is ReferenceRanked:  # the lowest in-domain means, whatever the draw
         lowest = set(torch.argsort(means)[:min(4, len(in_domain))].tolist())
         assert lowest <= rows
 
@@ -112,10 +131,11 @@ def test_reference_filter_selection_does_not_sync(selection):
 def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
     ids, labels = batch()
     eager_model = llama()
-    eager = CGGRModel(eager_model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2, loss_impl=loss_impl)
+    eager = CGGRModel(eager_model, min_tokens_ratio=0.25, warmup_steps=0, policy=hardest(),
+                      step_options=StepOptions(loss_impl=loss_impl))
     compiled_model = llama()
-    compiled = CGGRModel(compiled_model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2,
-                         loss_impl=loss_impl, compile="all")
+    compiled = CGGRModel(compiled_model, min_tokens_ratio=0.25, warmup_steps=0, policy=hardest(),
+                         step_options=StepOptions(loss_impl=loss_impl, compile="all"))
     expected = eager(ids, labels=labels)
     expected.backward()
     for _ in range(2):   # compile, then a call that must hit the compiled graphs
@@ -135,15 +155,15 @@ def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
 @pytest.mark.parametrize("make", [llama, gpt2])
 @pytest.mark.parametrize("loss_impl", ["model", "fused"])
 def test_trunk_forward_trains_without_a_host_sync(make, loss_impl):
-    """forward_impl='trunk' with attention_mask=None: router, selection, the selected rows' forward and the
+    """StepOptions(forward_impl='trunk') with attention_mask=None: router, selection, the selected rows' forward and the
     backward issue no host synchronisation, eagerly (the model's own eager forward issues one:
     transformers' packed-sequence check of position_ids), and the loss is the 'model' forward's."""
     ids, labels = batch()
     losses = {}
     for forward_impl in ("model", "trunk"):
         model = make()
-        cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, selection="hardest", router_layers=2,
-                         loss_impl=loss_impl, forward_impl=forward_impl)
+        cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, policy=hardest(),
+                         step_options=StepOptions(loss_impl=loss_impl, forward_impl=forward_impl))
         cggr(ids, labels=labels).backward()  # lazy initialisation (handles, Triton compilation) may synchronise
         model.zero_grad(set_to_none=True)
         if forward_impl == "trunk":
@@ -175,7 +195,7 @@ def test_ratio_one_equals_plain_model_bf16():
     plain_loss = plain(ids, labels=labels).loss
     plain_loss.backward()
     model = llama()
-    loss = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, selection="hardest", router_layers=2)(ids, labels=labels)
+    loss = CGGRModel(model, min_tokens_ratio=1.0, warmup_steps=0, policy=hardest())(ids, labels=labels)
     loss.backward()
     torch.testing.assert_close(loss, plain_loss)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -193,6 +213,7 @@ def test_fused_loss_at_smollm_head_size():
         model = tf.LlamaForCausalLM(cfg).to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(2)
     ids = torch.randint(0, 49152, (8, 512), device="cuda", generator=g)
-    eager = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2)(ids, labels=ids)
-    fused = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, selection="hardest", router_layers=2, loss_impl="fused")(ids, labels=ids)
+    eager = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=hardest())(ids, labels=ids)
+    fused = CGGRModel(model, min_tokens_ratio=0.5, warmup_steps=0, policy=hardest(),
+                      step_options=StepOptions(loss_impl="fused"))(ids, labels=ids)
     torch.testing.assert_close(fused.float(), eager.float(), rtol=1e-2, atol=1e-2)
