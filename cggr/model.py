@@ -43,7 +43,7 @@ from torch import nn
 from . import _legacy, ops
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
 from .options import StepOptions
-from .policies import POLICY_AUTO, RowPolicy, resolve_policy
+from .policies import POLICY_AUTO, RowPolicy, RowSelection, resolve_policy
 from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create_truncated_router
 from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets
 from .schedule import SCHEDULES, RatioSchedule, batch_confidence
@@ -203,6 +203,8 @@ class CGGRModel(nn.Module):
         self._calls_in_step = 0
         self._last = None
         self._router_row_nll = None
+        self.last_row_values = None  # [B] values the policy chose on in the last select_rows (or None)
+        self._ratio, self._confidence = None, None
         self._timer = StepTimer() if options.collect_timing else None
 
     def _default_router(self, model):
@@ -281,21 +283,26 @@ class CGGRModel(nn.Module):
             incompatible_keys.missing_keys.append(prefix + STEP_KEY)
 
     # -- forward -------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, **kwargs):
-        """Loss on the selected rows; without ``labels``, the plain model's output on the whole batch."""
-        if labels is None:
-            return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+    def select_rows(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                    reference_nll: Optional[torch.Tensor] = None, **kwargs) -> Optional[RowSelection]:
+        """The rows the next training forward would train on, without training: the checks, the router pass
+        or reference row means the policy needs, and the policy's choice at the current step's ratio.
+
+        Returns a ``RowSelection`` ([k] indices on the batch's device, optional row weights) or None when
+        every row is kept. ``last_row_values`` then holds the [B] values the policy chose on (router scores
+        or reference row means; None for ``RandomRows``). Draws from the same generator stream as
+        ``forward`` (which calls it): integrations that choose rows ahead of the forward (``cggr.hf``) call
+        this, then ``forward(..., rows=selection)``. Same synchronisation contract as ``forward``.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a [B, T] tensor, got "
                              f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-        if tuple(labels.shape) != tuple(input_ids.shape):
+        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} to match input_ids, "
-                             f"got {tuple(labels.shape)}")
+                             f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask: expected a 2-D mask of shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        reference_nll = kwargs.pop("reference_nll", None)
         if reference_nll is None and self.policy.needs_reference_nll:
             raise ValueError(f"reference_nll: {self.policy!r} ranks rows by a reference model's NLL; pass "
                              "reference_nll=[B, T-1] (cggr.reference.ReferenceModel computes it)")
@@ -308,29 +315,57 @@ class CGGRModel(nn.Module):
                                           or tuple(reference_nll.shape) != (B, T - 1)):
             raise ValueError(f"reference_nll: expected a tensor of shape {(B, T - 1)} (one value per shifted "
                              f"target), got {tuple(reference_nll.shape) if isinstance(reference_nll, torch.Tensor) else type(reference_nll).__name__}")
-
         self._router_row_nll = None
+        self.last_row_values = None
+        self._confidence = None
+        self._ratio = ratio = self.current_ratio
+        k = rows_for_ratio(ratio, B)
+        if k >= B and not self.schedule.dynamic_threshold:
+            return None
+        row_scores = None
+        if self.policy.uses_router:
+            row_scores, self._confidence = self._score_rows(input_ids, labels, attention_mask, kwargs, reference_nll)
+        if self.schedule.dynamic_threshold:
+            # Opt-in host decision (module docstring): one synchronisation per step.
+            self._ratio = ratio = float(self.schedule.ratio(self._step, self._confidence).item())
+            k = rows_for_ratio(ratio, B)
+        if self.policy.uses_reference_rows:
+            self.last_row_values = reference_row_means(reference_nll, labels, attention_mask)
+        elif self.policy.uses_router:
+            self.last_row_values = row_scores
+        if k >= B:
+            return None
+        values = self.last_row_values if self.last_row_values is not None else B
+        return self.policy.select(values, k, self._generator(input_ids.device))
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, rows: Union[RowSelection, str, None] = "policy",
+                **kwargs):
+        """Loss on the selected rows; without ``labels``, the plain model's output on the whole batch.
+
+        ``rows``: ``'policy'`` (default) chooses them now (``select_rows``); a ``RowSelection`` from an
+        earlier ``select_rows`` on this batch, or None (every row), trains those without choosing again.
+        ``reference_nll`` ([B, T-1]) as the policy requires. ``num_items_in_batch`` (Hugging Face's
+        gradient-accumulation normaliser) replaces the selected rows' target count as the loss's divisor.
+        """
+        if labels is None:
+            return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        reference_nll = kwargs.pop("reference_nll", None)
         if self._timer is not None:
             self._timer.start(input_ids.device)
-        ratio = self.current_ratio
-        k = rows_for_ratio(ratio, B)
-        confidence = None
-        selection = None
-        if k < B or self.schedule.dynamic_threshold:
-            row_scores = None
-            if self.policy.uses_router:
-                row_scores, confidence = self._score_rows(input_ids, labels, attention_mask, kwargs, reference_nll)
-            if self.schedule.dynamic_threshold:
-                # Opt-in host decision (module docstring): one synchronisation per step.
-                ratio = float(self.schedule.ratio(self._step, confidence).item())
-                k = rows_for_ratio(ratio, B)
-            if k < B:
-                generator = self._generator(input_ids.device)
-                if self.policy.uses_reference_rows:
-                    policy_input = reference_row_means(reference_nll, labels, attention_mask)
-                else:
-                    policy_input = row_scores if self.policy.uses_router else B
-                selection = self.policy.select(policy_input, k, generator)
+        if isinstance(rows, str):
+            if rows != "policy":
+                raise ValueError(f"rows must be 'policy', a RowSelection or None, got {rows!r}")
+            selection = self.select_rows(input_ids, labels, attention_mask, reference_nll, **kwargs)
+        else:
+            if rows is not None and not isinstance(rows, RowSelection):
+                raise TypeError(f"rows must be 'policy', a RowSelection or None, got {type(rows).__name__}")
+            selection = rows
+            self._ratio = self.current_ratio
+            self._confidence = None
+        B = input_ids.shape[0]
+        ratio, confidence = self._ratio, self._confidence
+        k = B if selection is None else int(selection.indices.shape[0])
         if self._timer is not None:
             self._timer.mark_router_end()
 
@@ -355,6 +390,13 @@ class CGGRModel(nn.Module):
         # n_total for loss_norm='batch' (device tensor, no sync): counted like the plain model's loss.
         n_norm = per_row.sum() if row_weight is not None and self.policy.loss_norm == "batch" else None
         rows_selected_tokens = None
+        # Hugging Face's gradient-accumulation normaliser: the model's own loss takes it; the fused and the
+        # weighted losses here divide by it instead of their own count
+        num_items = rows_kwargs.get("num_items_in_batch") if (self.loss_impl == "fused" or row_weight is not None) else None
+        if num_items is not None:
+            rows_kwargs = {name: v for name, v in rows_kwargs.items() if name != "num_items_in_batch"}
+            if n_norm is None:
+                n_norm = torch.as_tensor(num_items, device=input_ids.device)
         if self.loss_impl == "fused":
             rows_ref = None
             if reference_nll is not None:
@@ -363,7 +405,7 @@ class CGGRModel(nn.Module):
             loss, rows_selected_tokens = self._fused_loss(rows_ids, rows_labels, rows_mask, rows_kwargs,
                                                           row_weight, rows_ref)
             if n_norm is not None:
-                # fused 'mean' divides by the selected valid tokens: rescale to the batch's count
+                # fused 'mean' divides by the selected valid tokens: rescale to the requested divisor
                 loss = loss * (rows_selected_tokens.clamp_min(1).to(loss.dtype)
                                / n_norm.clamp_min(1).to(loss.dtype))
         elif row_weight is not None:
@@ -420,6 +462,7 @@ class CGGRModel(nn.Module):
                                             targets.reshape(B * n_pos), bias=bias, ignore_index=IGNORE_INDEX,
                                             chunk_size=settings.chunk_size or _router_chunk_rows(
                                                 B * n_pos, weight.shape[0], hidden.element_size()),
+                                            softcap=router.logit_softcap,  # Gemma 2 caps its logits
                                             # targets are sanitised above; validation would sync
                                             validate_targets=False)
             stats = type(stats)(*(s.view(B, n_pos) for s in stats))

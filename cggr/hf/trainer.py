@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..model import STEP_KEY, CGGRModel
 from ..reference import ReferenceModel
-from ..rows import reference_row_means, rows_for_ratio
+
 from .batches import (REFERENCE_KEY, SELECTED_KEY, ReferenceColumnCollator, check_reference_vocab, packed_starts,
                       repack, scored_target_counts, take_rows, unpack)
 from .config import CGGRConfig
@@ -219,8 +219,8 @@ class CGGRTrainerMixin:
         return out
 
     def _cggr_choose(self, rows: dict) -> Optional[torch.Tensor]:
-        """Indices of the rows to train (ascending), or None for every row. Mirrors the selection half of
-        ``CGGRModel.forward`` (same policy call, generator and router pass)."""
+        """Indices of the rows to train (ascending), or None for every row: ``CGGRModel.select_rows`` (the
+        same checks, router pass, generator stream and policy call as a plain-loop forward)."""
         cggr = self.cggr_model
         policy = cggr.policy
         input_ids, labels = rows["input_ids"], rows["labels"]
@@ -229,12 +229,6 @@ class CGGRTrainerMixin:
         counts = scored_target_counts(labels)
         window = self.cggr_window
         window.rows_total += B
-        k = rows_for_ratio(cggr.current_ratio, B)
-        dynamic = cggr.schedule.dynamic_threshold
-        if k >= B and not dynamic:
-            window.rows_kept += B
-            window.add_tokens(counts.sum(), counts.sum())
-            return None
         reference_nll = None
         if policy.needs_reference_nll:
             reference_nll = rows.get(REFERENCE_KEY)
@@ -243,30 +237,20 @@ class CGGRTrainerMixin:
                     raise ValueError(f"CGGRConfig.reference={self.cggr_config.reference!r}: the batch has no "
                                      "reference values (is the column in the training dataset?)")
                 reference_nll = self.cggr_reference(input_ids, labels, attention_mask)
-            if tuple(reference_nll.shape) != (B, input_ids.shape[1] - 1):
-                raise ValueError(f"reference NLL: expected shape {(B, input_ids.shape[1] - 1)}, "
-                                 f"got {tuple(reference_nll.shape)}")
-        values = confidence = None
-        if policy.uses_router:
-            router_kwargs = {n: rows[n] for n in ("position_ids", "token_type_ids") if rows.get(n) is not None}
-            values, confidence = cggr._score_rows(input_ids, labels, attention_mask, router_kwargs, reference_nll)
-        if dynamic:
-            k = rows_for_ratio(float(cggr.schedule.ratio(cggr.step_count, confidence).item()), B)
-        if policy.uses_reference_rows:
-            values = reference_row_means(reference_nll, labels, attention_mask)
-        if k >= B:
+        router_kwargs = {n: rows[n] for n in ("position_ids", "token_type_ids") if rows.get(n) is not None}
+        selection = cggr.select_rows(input_ids, labels, attention_mask, reference_nll, **router_kwargs)
+        if selection is None:
             window.rows_kept += B
             window.add_tokens(counts.sum(), counts.sum())
             return None
-        selection = policy.select(values if values is not None else B, k, cggr._generator(input_ids.device))
         if selection.row_weight is not None:
             raise ValueError(f"{policy!r} weights the selected rows' loss, which the Trainer path (the model's own "
                              "loss on the selected rows) does not do: use CGGRModel in a training loop")
         indices = selection.indices
         window.rows_kept += int(indices.numel())
         window.add_tokens(counts.sum(), counts.index_select(0, indices).sum())
-        if values is not None:
-            window.add_scores(values.index_select(0, indices))
+        if cggr.last_row_values is not None:
+            window.add_scores(cggr.last_row_values.index_select(0, indices))
         return indices
 
     # -- loss ----------------------------------------------------------------------------------------------
