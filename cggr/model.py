@@ -395,8 +395,8 @@ class CGGRModel(nn.Module):
         num_items = rows_kwargs.get("num_items_in_batch") if (self.loss_impl == "fused" or row_weight is not None) else None
         if num_items is not None:
             rows_kwargs = {name: v for name, v in rows_kwargs.items() if name != "num_items_in_batch"}
-            if n_norm is None:
-                n_norm = torch.as_tensor(num_items, device=input_ids.device)
+            # (for loss_norm='batch' too: the window's count replaces this batch's)
+            n_norm = torch.as_tensor(num_items, device=input_ids.device)
         if self.loss_impl == "fused":
             rows_ref = None
             if reference_nll is not None:
