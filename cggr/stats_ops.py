@@ -8,14 +8,20 @@ CUDA tensors run the Triton kernels of ``cggr.triton_kernels``; CPU tensors run 
 implementation below (float32 math in the same order as the kernels, chunked over rows so memory stays
 bounded); both have fake (meta) kernels for torch.compile / export.
 
-Registered with ``torch.library.custom_op`` (one kernel per device type) rather than ``triton_op``:
-``triton_op`` uses its Python body as the fake kernel and as the decomposition that torch.compile
-traces, for every device, so the row-chunked CPU path would be traced (and specialised on N) too.
-These kernels are single memory-bound passes with nothing for Inductor to fuse into, so an opaque op
-costs nothing, and ``custom_op`` behaves the same on every torch release this package supports.
+Registered with the low-level ``torch.library.Library`` API (``define``, one ``impl`` per dispatch key,
+``register_fake``), like ``cggr.linear_ops``, rather than ``custom_op``: the selective steps are bound by
+host launch overhead on slower hosts, and ``custom_op``'s Python layer around every call (its autograd
+kernel and redispatch) adds host time that the plain per-key kernels do not have (see BENCHMARKS.md,
+CPU dispatch overhead). Nor ``triton_op``: it uses its Python body as the fake kernel and as the
+decomposition that torch.compile traces, for every device, so the row-chunked CPU path would be traced
+(and specialised on N) too. These kernels are single memory-bound passes with nothing for Inductor to
+fuse into, so an opaque op costs nothing. Like ``custom_op``, the ops are tagged pt2_compliant.
 
-Neither op has an autograd formula: the statistics are not differentiated (the wrapper detaches the
-logits), and selective_ce_backward *is* a gradient.
+Neither op has an autograd formula: the statistics are not differentiated (the wrappers detach their
+inputs), and selective_ce_backward *is* a gradient. No autograd kernel is registered, so torch's autograd
+fallback applies (as for ``cggr.linear_ops``): called directly on inputs that require grad, an op's
+output gets a node that warns when backpropagated through (``custom_op`` raised there), and the CPU kernels
+then run under no_grad so that, like the CUDA kernels, they record no graph of their own.
 """
 from collections import namedtuple
 from typing import Optional, Union
@@ -45,9 +51,17 @@ _M_INIT = -3.0e38
 
 
 # --------------------------------------------------------------------------------------------------
-# argument checks shared by the ops and the wrappers (no host sync)
+# argument checks shared by the ops and the wrappers (no host sync). Every call runs them, so each is
+# one cheap expression over the attributes (the _*_ok predicates); only when it fails do the _explain_*
+# functions work out which argument is wrong and raise (they are the authority: the predicates only
+# decide when they need not run).
 # --------------------------------------------------------------------------------------------------
-def _check_logits_targets(logits, targets, op):
+_F32 = torch.float32
+_BOOL = torch.bool
+_Tensor = torch.Tensor
+
+
+def _explain_logits_targets(logits, targets, op):
     if not isinstance(logits, torch.Tensor) or logits.dtype not in _LOGITS_DTYPES:
         got = logits.dtype if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise TypeError(f"{op}: logits must be a float16/bfloat16/float32 tensor, got {got}")
@@ -64,7 +78,12 @@ def _check_logits_targets(logits, targets, op):
                          f"{tuple(logits.shape)} without its last dim ({tuple(logits.shape[:-1])})")
 
 
-def _check_backward_extras(logits, targets, lse, mask, scale, row_weight, op):
+def _explain_2d(logits, op):
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
+
+
+def _explain_backward_extras(logits, targets, lse, mask, scale, row_weight, op):
     device = logits.device
     if not isinstance(lse, torch.Tensor) or lse.dtype != torch.float32:
         raise TypeError(f"{op}: lse must be a float32 tensor (row 0 of token_stats), got "
@@ -91,9 +110,59 @@ def _check_backward_extras(logits, targets, lse, mask, scale, row_weight, op):
                          f"on the device; move it there once, e.g. torch.tensor(s, device=logits.device))")
 
 
-def _check_2d(logits, op):
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be 2-D [N, V], got shape {tuple(logits.shape)}")
+def _op_args_ok(logits, targets):
+    """The operators' logits/targets conditions (both are tensors there, by the schema): 2-D logits."""
+    s = logits.shape
+    return (len(s) == 2 and s[1] != 0 and logits.dtype in _LOGITS_DTYPES and targets.dtype in _TARGET_DTYPES
+            and targets.shape == s[:1] and targets.device == logits.device)
+
+
+def _extras_ok(targets, lse, mask, scale, row_weight, device):
+    r = targets.shape
+    return (lse.dtype == _F32 and mask.dtype == _BOOL and scale.dtype == _F32 and lse.shape == r
+            and mask.shape == r and scale.numel() == 1 and lse.device == device and mask.device == device
+            and scale.device == device
+            and (row_weight is None or (row_weight.dtype == _F32 and row_weight.shape == r
+                                        and row_weight.device == device)))
+
+
+def _check_stats_args(logits, targets, op="cggr::token_stats"):
+    if not _op_args_ok(logits, targets):
+        _explain_logits_targets(logits, targets, op)
+        _explain_2d(logits, op)
+
+
+def _check_backward_args(logits, targets, lse, mask, scale, row_weight, op="cggr::selective_ce_backward"):
+    s, r, d = logits.shape, targets.shape, logits.device
+    # _op_args_ok and _extras_ok in one expression (this runs once per backward call)
+    if not (len(s) == 2 and s[1] != 0 and r == s[:1] and logits.dtype in _LOGITS_DTYPES
+            and targets.dtype in _TARGET_DTYPES and lse.dtype == _F32 and mask.dtype == _BOOL
+            and scale.dtype == _F32 and lse.shape == r and mask.shape == r and scale.numel() == 1
+            and targets.device == d and lse.device == d and mask.device == d and scale.device == d
+            and (row_weight is None or (row_weight.dtype == _F32 and row_weight.shape == r
+                                        and row_weight.device == d))):
+        _explain_logits_targets(logits, targets, op)
+        _explain_2d(logits, op)
+        _explain_backward_extras(logits, targets, lse, mask, scale, row_weight, op)
+
+
+def _check_logits_targets(logits, targets, op):
+    """The wrappers' logits/targets conditions: any arguments, logits of any rank >= 1."""
+    if isinstance(logits, _Tensor) and isinstance(targets, _Tensor):
+        s = logits.shape
+        if (len(s) >= 1 and s[-1] != 0 and logits.dtype in _LOGITS_DTYPES and targets.dtype in _TARGET_DTYPES
+                and targets.shape == s[:-1] and targets.device == logits.device):
+            return
+    _explain_logits_targets(logits, targets, op)
+
+
+def _check_backward_extras(logits, targets, lse, mask, scale, row_weight, op):
+    """The wrapper's conditions on the other arguments (after _check_logits_targets; scale is a tensor)."""
+    if (isinstance(lse, _Tensor) and isinstance(mask, _Tensor) and isinstance(scale, _Tensor)
+            and (row_weight is None or isinstance(row_weight, _Tensor))
+            and _extras_ok(targets, lse, mask, scale, row_weight, logits.device)):
+        return
+    _explain_backward_extras(logits, targets, lse, mask, scale, row_weight, op)
 
 
 def _last_dim_contiguous(x):
@@ -159,60 +228,68 @@ def _selective_ce_backward_cpu(logits, targets, lse, mask, scale, row_weight, ig
 
 
 # --------------------------------------------------------------------------------------------------
-# operators
+# operators: one kernel per dispatch key (CPU, CUDA) and a fake kernel, each checking its arguments
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op(
-    "cggr::token_stats", mutates_args=(), device_types="cpu",
-    schema="(Tensor logits, Tensor targets, int ignore_index) -> Tensor",
-)
-def _token_stats_op(logits, targets, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::token_stats")
-    _check_2d(logits, "cggr::token_stats")
-    return _token_stats_cpu(_last_dim_contiguous(logits), targets, ignore_index)
+def _token_stats_cpu_kernel(logits, targets, ignore_index):
+    _check_stats_args(logits, targets)
+    logits = _last_dim_contiguous(logits)
+    if logits.requires_grad:  # not differentiable: record no graph (see the module docstring)
+        with torch.no_grad():
+            return _token_stats_cpu(logits, targets, ignore_index)
+    return _token_stats_cpu(logits, targets, ignore_index)
 
 
-@_token_stats_op.register_kernel("cuda")
-def _token_stats_cuda(logits, targets, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::token_stats")
-    _check_2d(logits, "cggr::token_stats")
-    return launch_token_stats(_last_dim_contiguous(logits), targets.contiguous(), ignore_index)
+def _token_stats_cuda_kernel(logits, targets, ignore_index):
+    _check_stats_args(logits, targets)
+    return launch_token_stats(_last_dim_contiguous(logits), targets.contiguous(), ignore_index,
+                              check=False)  # checked above
 
 
-@_token_stats_op.register_fake
 def _token_stats_fake(logits, targets, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::token_stats")
-    _check_2d(logits, "cggr::token_stats")
+    _check_stats_args(logits, targets)
     return logits.new_empty((5, logits.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op(
-    "cggr::selective_ce_backward", mutates_args=(), device_types="cpu",
-    schema="(Tensor logits, Tensor targets, Tensor lse, Tensor mask, Tensor scale, Tensor? row_weight, "
-           "int ignore_index) -> Tensor",
-)
-def _selective_ce_backward_op(logits, targets, lse, mask, scale, row_weight, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::selective_ce_backward")
-    _check_2d(logits, "cggr::selective_ce_backward")
-    _check_backward_extras(logits, targets, lse, mask, scale, row_weight, "cggr::selective_ce_backward")
+def _selective_ce_backward_cpu_kernel(logits, targets, lse, mask, scale, row_weight, ignore_index):
+    _check_backward_args(logits, targets, lse, mask, scale, row_weight)
+    if (logits.requires_grad or lse.requires_grad or scale.requires_grad
+            or (row_weight is not None and row_weight.requires_grad)):  # not differentiable: record no graph
+        with torch.no_grad():
+            return _selective_ce_backward_cpu(logits, targets, lse, mask, scale, row_weight, ignore_index)
     return _selective_ce_backward_cpu(logits, targets, lse, mask, scale, row_weight, ignore_index)
 
 
-@_selective_ce_backward_op.register_kernel("cuda")
-def _selective_ce_backward_cuda(logits, targets, lse, mask, scale, row_weight, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::selective_ce_backward")
-    _check_2d(logits, "cggr::selective_ce_backward")
-    _check_backward_extras(logits, targets, lse, mask, scale, row_weight, "cggr::selective_ce_backward")
+def _selective_ce_backward_cuda_kernel(logits, targets, lse, mask, scale, row_weight, ignore_index):
+    _check_backward_args(logits, targets, lse, mask, scale, row_weight)
+    # scale: the kernel reads its one value through the pointer, whatever its shape
     return launch_selective_ce_backward(
-        _last_dim_contiguous(logits), targets.contiguous(), lse, mask.contiguous(), scale.reshape(()),
-        None if row_weight is None else row_weight.contiguous(), ignore_index)
+        _last_dim_contiguous(logits), targets.contiguous(), lse, mask.contiguous(), scale,
+        None if row_weight is None else row_weight.contiguous(), ignore_index, check=False)  # checked above
 
 
-@_selective_ce_backward_op.register_fake
 def _selective_ce_backward_fake(logits, targets, lse, mask, scale, row_weight, ignore_index):
-    _check_logits_targets(logits, targets, "cggr::selective_ce_backward")
-    _check_2d(logits, "cggr::selective_ce_backward")
-    _check_backward_extras(logits, targets, lse, mask, scale, row_weight, "cggr::selective_ce_backward")
+    _check_backward_args(logits, targets, lse, mask, scale, row_weight)
     return torch.empty(tuple(logits.shape), dtype=logits.dtype, device=logits.device)
+
+
+_SCHEMAS = {
+    "token_stats": ("(Tensor logits, Tensor targets, int ignore_index) -> Tensor",
+                    _token_stats_cpu_kernel, _token_stats_cuda_kernel, _token_stats_fake),
+    "selective_ce_backward": ("(Tensor logits, Tensor targets, Tensor lse, Tensor mask, Tensor scale, "
+                              "Tensor? row_weight, int ignore_index) -> Tensor",
+                              _selective_ce_backward_cpu_kernel, _selective_ce_backward_cuda_kernel,
+                              _selective_ce_backward_fake),
+}
+
+_lib = torch.library.Library("cggr", "FRAGMENT")  # kept alive for the life of the process
+for _name, (_schema, _cpu, _cuda, _fake) in _SCHEMAS.items():
+    _lib.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
+    _lib.impl(_name, _cpu, "CPU")
+    _lib.impl(_name, _cuda, "CUDA")
+    torch.library.register_fake(f"cggr::{_name}", _fake, lib=_lib)
+del _name, _schema, _cpu, _cuda, _fake
+_TOKEN_STATS_OP = torch.ops.cggr.token_stats.default
+_SELECTIVE_CE_BACKWARD_OP = torch.ops.cggr.selective_ce_backward.default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,8 +336,8 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int =
     targets_flat = targets.reshape(-1)
     if validate_targets:
         _validate_targets(targets_flat, V, ignore_index, targets.shape, op)
-    stats = torch.ops.cggr.token_stats(flat, targets_flat, int(ignore_index))
-    return TokenStats(*(stats[i].view(targets.shape) for i in range(5)))
+    stats = _TOKEN_STATS_OP(flat, targets_flat, int(ignore_index))
+    return TokenStats(*stats.view((5,) + tuple(targets.shape)).unbind(0))  # 5 views, one call
 
 
 def selective_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor,
@@ -286,7 +363,7 @@ def selective_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torc
         scale = scale.detach().to(device=logits.device, dtype=torch.float32).reshape(())
     _check_backward_extras(logits, targets, lse, mask, scale, row_weight, op)
     flat = _flatten_logits(logits.detach(), op)
-    grad = torch.ops.cggr.selective_ce_backward(
+    grad = _SELECTIVE_CE_BACKWARD_OP(
         flat, targets.reshape(-1), lse.detach().reshape(-1), mask.reshape(-1), scale,
         None if row_weight is None else row_weight.detach().reshape(-1), int(ignore_index))
     return grad.view(logits.shape)

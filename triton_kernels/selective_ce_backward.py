@@ -81,25 +81,31 @@ def selective_ce_backward_config(V, dtype):
 
 
 def launch_selective_ce_backward(logits, targets, lse, mask, scale, row_weight=None, ignore_index=-100,
-                                 out=None, *, block_n=None, block_v=None, num_warps=None, num_stages=None):
+                                 out=None, *, block_n=None, block_v=None, num_warps=None, num_stages=None,
+                                 check=True):
     """Run the backward kernel. logits [N, V] (stride(1) == 1), targets [N] int64/int32, lse [N] fp32
     (any stride, e.g. a row of token_stats' [5, N] output), mask [N] bool, scale 0-dim fp32 on logits'
     device, row_weight [N] fp32 or None. Returns grad [N, V] (contiguous) of logits' dtype, or writes `out`.
+    check=False skips the checks of the inputs (device, shapes, strides, dtypes, scale holding one value),
+    for callers that have already made them (``cggr.stats_ops``); out and the block sizes are checked
+    whenever given.
     """
-    _check_runnable(logits)
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be 2-D with a contiguous last dim, got shape {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
+    if check:
+        _check_runnable(logits)
+        if logits.dim() != 2 or logits.stride(1) != 1:
+            raise ValueError(f"logits must be 2-D with a contiguous last dim, got shape {tuple(logits.shape)} "
+                             f"strides {logits.stride()}")
     N, V = logits.shape
-    for name, t in (("targets", targets), ("lse", lse), ("mask", mask)):
-        if t.shape != (N,):
-            raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
-    if row_weight is not None and (row_weight.shape != (N,) or not row_weight.is_contiguous()):
-        raise ValueError(f"row_weight must be a contiguous tensor of shape ({N},)")
-    if scale.numel() != 1:
-        raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
-    if mask.dtype != torch.bool or not mask.is_contiguous() or not targets.is_contiguous():
-        raise ValueError("mask must be a contiguous bool tensor and targets contiguous")
+    if check:
+        for name, t in (("targets", targets), ("lse", lse), ("mask", mask)):
+            if t.shape != (N,):
+                raise ValueError(f"{name} must have shape ({N},), got {tuple(t.shape)}")
+        if row_weight is not None and (row_weight.shape != (N,) or not row_weight.is_contiguous()):
+            raise ValueError(f"row_weight must be a contiguous tensor of shape ({N},)")
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+        if mask.dtype != torch.bool or not mask.is_contiguous() or not targets.is_contiguous():
+            raise ValueError("mask must be a contiguous bool tensor and targets contiguous")
     if out is None:
         out = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     elif out.shape != (N, V) or out.dtype != logits.dtype or not out.is_contiguous():

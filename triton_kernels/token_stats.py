@@ -156,13 +156,14 @@ def token_stats_config(V, dtype):
     A fixed table instead of autotuning, so the first call is as fast as the rest; the benchmark's
     --sweep times alternatives on the GPU. Large V: one row per program, a wide chunk so each thread
     keeps two 16-byte loads in flight (16 elements per thread). Small V: the whole row in one chunk and
-    several rows per program so a program still moves ~8-16 KB. branch_top2 everywhere: it leaves the
-    hot loop ~15% fewer instructions and ~50 instead of ~64 registers (sm_90, from ptxas), and with a
-    single chunk per row it is the cheaper top-2 as well.
+    several rows per program so a program still moves ~8-16 KB. branch_top2 everywhere: most chunks skip
+    the chunk top-2 reductions, so its hot loop has fewer instructions and needs fewer registers than
+    the per-lane top-2 (three min/max per element and two more [BLOCK_N, BLOCK_V] accumulators), and with
+    a single chunk per row it is the cheaper top-2 as well. See BENCHMARKS.md (token scoring).
     """
     if V >= 16384:
-        # measured (H200, bf16 [16384, 49152]): 2048 x 2 warps 0.49 ms, 4096 x 4 0.53, 8192 x 8 0.63, 8192 x 16 0.94:
-        # small programs with many rows in flight per SM beat wide ones that stall on cross-warp reductions
+        # small programs (few warps) with many rows in flight per SM beat wide ones that stall on
+        # cross-warp reductions; see BENCHMARKS.md (token scoring)
         block_v, warps = (2048, 2) if dtype.itemsize == 2 else (4096, 8)
         return dict(block_n=1, block_v=block_v, num_warps=warps, lane_sums=False, branch_top2=True)
     block_v = triton.next_power_of_2(V)
@@ -182,7 +183,8 @@ def _check_runnable(t):
 
 
 def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=None, block_v=None,
-                       num_warps=None, num_stages=None, lane_sums=None, branch_top2=None, prefetch=None):
+                       num_warps=None, num_stages=None, lane_sums=None, branch_top2=None, prefetch=None,
+                       check=True):
     """Run the token_stats kernel: logits [N, V] (stride(1) == 1), targets [N] int64/int32 -> [5, N] fp32.
 
     No argument checking beyond what the kernel needs to be memory safe (the op layer checks dtypes and
@@ -191,16 +193,20 @@ def launch_token_stats(logits, targets, ignore_index=-100, out=None, *, block_n=
     branch_top2=True tracks the top-2 per row, computing a chunk's top-2 only when it can matter,
     instead of per lane (three min/max per element); prefetch=True issues the next chunk's loads before
     reducing the current one (hand-written software pipelining, one more chunk of registers).
+    check=False skips the checks of logits and targets (device, shapes, strides, V > 0), for callers that
+    have already made them (``cggr.stats_ops``); out and the block sizes are checked whenever given.
     """
-    _check_runnable(logits)
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be 2-D with a contiguous last dim, got shape {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
+    if check:
+        _check_runnable(logits)
+        if logits.dim() != 2 or logits.stride(1) != 1:
+            raise ValueError(f"logits must be 2-D with a contiguous last dim, got shape {tuple(logits.shape)} "
+                             f"strides {logits.stride()}")
     N, V = logits.shape
-    if targets.shape != (N,) or not targets.is_contiguous():
-        raise ValueError(f"targets must be a contiguous tensor of shape ({N},), got {tuple(targets.shape)}")
-    if V == 0:
-        raise ValueError("logits has an empty vocabulary dimension (V == 0)")
+    if check:
+        if targets.shape != (N,) or not targets.is_contiguous():
+            raise ValueError(f"targets must be a contiguous tensor of shape ({N},), got {tuple(targets.shape)}")
+        if V == 0:
+            raise ValueError("logits has an empty vocabulary dimension (V == 0)")
     if out is None:
         out = torch.empty((5, N), dtype=torch.float32, device=logits.device)
     elif out.shape != (5, N) or out.dtype != torch.float32 or not out.is_contiguous():
