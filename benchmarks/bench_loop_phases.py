@@ -40,15 +40,14 @@ PHASES = ("batch", "loss", "backward", "clip", "optimizer")
 
 def target_context(ctx, rows, seq_len, device, rng):
     """What the target-regime configurations read (excess*, oracle, reference_filter*): source 0 is the
-    target, a random reference NLL per token in [2, 8), and both domain thresholds at the median row mean
+    target, a random reference NLL per token in [2, 8), and every domain threshold at the median row mean
     (half the rows pass), so their selection work is timed as in a real run."""
     token_nll = rng.uniform(2.0, 8.0, (len(rows), seq_len)).astype(np.float32)
     row_nll = token_nll.mean(axis=1)
     threshold = float(np.median(row_nll))
     ctx.target_source_id = 0
     ctx.reference_token_nll = torch.from_numpy(token_nll).to(device)
-    ctx.reference_row_nll = row_nll
-    ctx.reference_thresholds = {"heldout": threshold, "otsu": threshold}
+    ctx.reference_thresholds = {"heldout": threshold, "heldout99": threshold, "otsu": threshold}
     ctx.num_sources, ctx.num_train_rows = 2, len(rows)
     return ctx
 

@@ -13,16 +13,19 @@ token ids (labels = input_ids), a few pre-generated ones cycled.
 
 Variants (each ratio in --ratios, each compile scope in --compile, each loss_impl in --loss-impl):
   standard        model(input_ids, labels=labels).loss (compile: torch.compile(model) for model/all)
-  cggr@R          cggr.CGGRModel(min_tokens_ratio=R, warmup_steps=0, router_layers, selection='hardest',
-                  dynamic_threshold=False unless --dynamic-threshold): ceil(R * B) rows
-  random@R        CGGRModel(selection='random'): the same ceil(R * B) rows drawn uniformly, no router:
+  cggr@R          cggr.CGGRModel(policy=HardestRows(scoring, RouterSettings(layers=--router-layers,
+                  chunk_size=--router-chunk-size)), schedule=RatioSchedule(R, 0, dynamic_threshold=False unless
+                  --dynamic-threshold), step_options=StepOptions(compile, loss_impl, ...)): ceil(R * B) rows
+  random@R        CGGRModel(policy=RandomRows()): the same ceil(R * B) rows drawn uniformly, no router:
                   the cost of the row split alone
   v050@R          cggr==0.5.0's CGGRModel (create_truncated_router(model, num_layers=4),
                   warmup_steps=0, dynamic_threshold=True) when benchmarks.comparators can load it; its
                   own row count (reported) follows its dynamic threshold
 Timing: CUDA events around each step after --warmup steps (compiled variants: compilation happens in the
 warm-up; its time is reported as first_step_s), median (and p10/p90) of --steps steps. Router share: a
-few extra steps with CGGRModel(collect_timing=True): (router + selection) / (forward start .. step()).
+few extra steps of a second CGGRModel over the same model and optimizer with
+StepOptions(collect_timing=True) (after --compile-warmup untimed steps when compiled): (router + selection)
+/ (forward start .. step()).
 Peak memory: torch.cuda.max_memory_allocated() over the timed steps (weights and optimizer state
 included). tokens/s: batch tokens (B * T) per second of step time. If the standard step at the requested
 batch runs out of memory, every variant runs at half the batch (reported).
@@ -45,7 +48,8 @@ import transformers as tf
 # run as a script (python benchmarks/bench_model_step.py): the repository root holds `benchmarks` and `cggr`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.comparators import load_cggr_v050  # noqa: E402
-from cggr.model import CGGRModel, rows_for_ratio  # noqa: E402
+from cggr import CGGRModel, HardestRows, RandomRows, RatioSchedule, RouterSettings, StepOptions  # noqa: E402
+from cggr.rows import rows_for_ratio  # noqa: E402
 
 GOAL_VS_STANDARD = 2.5
 GOAL_VS_V050 = 1.5
@@ -106,11 +110,37 @@ def fresh_model(config, init_state, device, dtype):
     return model
 
 
+def cggr_wrapper(model, spec, args, collect_timing=False):
+    """CGGRModel of a cggr / random variant (module docstring)."""
+    kind, ratio, scope, loss_impl = spec["kind"], spec["ratio"], spec["compile"], spec["loss_impl"]
+    if kind == "cggr":
+        policy = HardestRows(scoring=args.scoring,
+                             router=RouterSettings(layers=args.router_layers, chunk_size=args.router_chunk_size))
+    else:
+        policy = RandomRows()
+    schedule = RatioSchedule(ratio, 0, dynamic_threshold=args.dynamic_threshold and kind == "cggr")
+    options = StepOptions(compile=False if scope == "none" else scope, compile_options=args.compile_options,
+                          loss_impl=loss_impl, token_ratio=args.token_ratio if loss_impl == "fused" else 1.0,
+                          loss_chunk_size=args.loss_chunk_size, collect_timing=collect_timing)
+    return CGGRModel(model, policy=policy, schedule=schedule, step_options=options)
+
+
+def cggr_step_fn(wrapper, opt):
+    def step(ids, labels):
+        loss = wrapper(ids, labels=labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        wrapper.step()
+        return loss
+    return step
+
+
 def build_variant(spec, config, init_state, args, device, dtype, v050):
     """Returns (step_fn, cggr_wrapper_or_None, model, info)."""
     model = fresh_model(config, init_state, device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    kind, ratio, scope, loss_impl = spec["kind"], spec["ratio"], spec["compile"], spec["loss_impl"]
+    kind, ratio, scope = spec["kind"], spec["ratio"], spec["compile"]
     info = {}
     wrapper = None
     if kind == "standard":
@@ -123,21 +153,8 @@ def build_variant(spec, config, init_state, args, device, dtype, v050):
             opt.zero_grad(set_to_none=True)
             return loss
     elif kind in ("cggr", "random"):
-        wrapper = CGGRModel(model, min_tokens_ratio=ratio, warmup_steps=0, router_layers=args.router_layers,
-                            selection="hardest" if kind == "cggr" else "random", scoring=args.scoring,
-                            dynamic_threshold=args.dynamic_threshold and kind == "cggr",
-                            router_chunk_size=args.router_chunk_size, loss_impl=loss_impl,
-                            token_ratio=args.token_ratio if loss_impl == "fused" else 1.0,
-                            loss_chunk_size=args.loss_chunk_size,
-                            compile=False if scope == "none" else scope, compile_options=args.compile_options)
-
-        def step(ids, labels):
-            loss = wrapper(ids, labels=labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            wrapper.step()
-            return loss
+        wrapper = cggr_wrapper(model, spec, args)
+        step = cggr_step_fn(wrapper, opt)
     elif kind == "v050":
         wrapper = v050.CGGRModel(model, router=v050.create_truncated_router(model, num_layers=args.router_layers),
                                  min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=True)
@@ -187,13 +204,18 @@ def run_variant(spec, config, init_state, batches, args, device, dtype, v050):
         row["rows"] = m["sequences_selected"]
         row["tokens_trained"] = m["tokens_selected"]
         if args.router_share_steps > 0:
-            wrapper.collect_timing = True
+            # StepOptions are fixed at construction: a second wrapper with timing on, over the same model and
+            # optimizer (its synchronisation in step() stays out of the timed steps above)
+            timed = cggr_wrapper(model, spec, args, collect_timing=True)
+            timed_step = cggr_step_fn(timed, opt)
+            for i in range(args.compile_warmup if spec["compile"] != "none" else 0):
+                timed_step(*batches[i % len(batches)])
             shares = []
             for i in range(args.router_share_steps):
-                step(*batches[i % len(batches)])
-                shares.append(wrapper.get_metrics()["router_time_share"])
-            wrapper.collect_timing = False
+                timed_step(*batches[i % len(batches)])
+                shares.append(timed.get_metrics()["router_time_share"])
             row["router_share"] = statistics.median(shares)
+            del timed, timed_step
     elif spec["kind"] == "v050":
         m = wrapper.get_metrics()
         row["rows"] = m.get("sequences_selected")
@@ -249,7 +271,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
     p.add_argument("--compile-warmup", type=int, default=3, help="extra untimed steps for compiled variants")
-    p.add_argument("--router-share-steps", type=int, default=5, help="extra steps with collect_timing=True")
+    p.add_argument("--router-share-steps", type=int, default=5,
+                   help="extra steps with StepOptions(collect_timing=True)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--variants", nargs="+", default=["standard", "cggr", "random", "v050"],
                    choices=["standard", "cggr", "random", "v050"])
@@ -257,12 +280,15 @@ def main(argv=None):
                    help="compile scopes to run (each variant once per scope; standard: model/all only)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--loss-impl", nargs="+", default=["model"], choices=["model", "fused"])
-    p.add_argument("--token-ratio", type=float, default=1.0, help="CGGRModel token_ratio (loss-impl fused)")
+    p.add_argument("--token-ratio", type=float, default=1.0, help="StepOptions.token_ratio (loss-impl fused)")
     p.add_argument("--router-layers", type=int, default=4)
-    p.add_argument("--router-chunk-size", type=int, default=None, help="rows per router scoring chunk")
+    p.add_argument("--router-chunk-size", type=int, default=None,
+                   help="rows per router scoring chunk (RouterSettings.chunk_size)")
     p.add_argument("--loss-chunk-size", type=int, default=None, help="chunk rows of loss-impl fused")
-    p.add_argument("--scoring", default="loss")
-    p.add_argument("--dynamic-threshold", action="store_true", help="CGGRModel(dynamic_threshold=True)")
+    p.add_argument("--scoring", default="loss", choices=["entropy", "margin", "loss", "combined"],
+                   help="HardestRows(scoring=...) of the cggr variant")
+    p.add_argument("--dynamic-threshold", action="store_true",
+                   help="RatioSchedule(dynamic_threshold=True) for the cggr variant")
     p.add_argument("--num-batches", type=int, default=4)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="2-layer smoke configuration (CPU ok)")

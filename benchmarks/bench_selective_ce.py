@@ -124,7 +124,9 @@ def main(argv=None):
             "F.cross_entropy bf16 fwd+bwd": (cross_entropy_bf16, leaves),
             "F.cross_entropy fp32-upcast fwd+bwd": (cross_entropy_fp32, leaves),
         }
-        module = CGGRLoss(min_tokens_ratio=ratio, warmup_steps=0, validate_targets=False)
+        # what the label says, and what cggr 0.5.0's CGGRLoss below runs by default
+        module = CGGRLoss(scoring="combined", dynamic_threshold=True, min_tokens_ratio=ratio, warmup_steps=0,
+                          validate_targets=False)
 
         def cggr_module():
             x, t = rot.next()

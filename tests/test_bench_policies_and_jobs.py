@@ -1,4 +1,5 @@
-"""cggr bench pieces added for the policy study: reference-ranked rows, cache locks shared by concurrent
+"""cggr bench pieces added for the policy study: the reference-ranked policies, configurations built from the
+library's policies (only the oracle chooses rows on the host), renamed configurations, cache locks shared by concurrent
 jobs, the data-mix and other-sources report columns, and the multi-GPU job runner (on the CPU)."""
 import importlib.util
 import json
@@ -13,8 +14,11 @@ import pytest
 import torch
 
 from cggr.bench import report
-from cggr.bench.configs import Batch, StepContext, _choose_reference_lowest, _choose_reference_stratified
+from cggr.bench.configs import (CONFIGS, RENAMED, Batch, CGGRLossStep, CGGRModelStep, FullBatch, RowSubset,
+                                StepContext, get_config)
 from cggr.bench.runner import cache_lock
+from cggr.experimental import ReferenceHalfLowest, ReferenceLowest
+from cggr.policies import RowPolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,43 +30,139 @@ def _load_runner():
     return module
 
 
-def _batch(host_index):
-    n = len(host_index)
-    return Batch(torch.zeros(n, 3, dtype=torch.long), torch.as_tensor(host_index), np.zeros(n, dtype=np.int64),
-                 np.asarray(host_index))
+def _row_nll(values):
+    return torch.tensor(values, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
-def test_reference_stratified_takes_the_lowest_reference_rows_then_random(k):
+def _lowest(row_nll, k):
+    """The k lowest values' positions (distinct values: a unique answer), NaN last."""
+    return sorted(np.argsort(np.nan_to_num(row_nll.numpy(), nan=np.inf), kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 7])
+def test_reference_half_lowest_takes_the_lowest_reference_rows_then_random(k):
+    """reference_half_lowest (formerly reference_stratified): half the rows (rounded up) with the lowest mean
+    reference NLL, the rest uniformly from the others."""
     rng_data = np.random.default_rng(k)
-    row_nll = rng_data.permutation(100).astype(np.float32)          # distinct values: a unique order
-    host_index = rng_data.choice(100, size=8, replace=False)
-    ctx = StepContext(seed=0, reference_row_nll=row_nll)
-    picked = _choose_reference_stratified(_batch(host_index), k, np.random.default_rng(0), ctx)
-    assert len(picked) == k and len(set(picked.tolist())) == k and picked.min() >= 0 and picked.max() < 8
+    row_nll = _row_nll(rng_data.permutation(100)[:8].astype(np.float32))  # distinct values: a unique order
+    policy = ReferenceHalfLowest()
+    assert policy.uses_reference_rows and not policy.uses_router and policy.needs_reference_nll
+    picked = policy.select(row_nll, k, torch.Generator().manual_seed(0))
+    assert picked.row_weight is None and picked.indices.dtype == torch.int64
+    rows = picked.indices.tolist()
+    assert rows == sorted(rows) and len(set(rows)) == k and min(rows) >= 0 and max(rows) < 8
     k_low = (k + 1) // 2
-    lowest = set(np.argsort(row_nll[host_index])[:k_low].tolist())
-    assert lowest <= set(picked.tolist())
+    assert set(_lowest(row_nll, k_low)) <= set(rows)
     # the filler is random: over many draws every other row of the batch gets picked sometimes
     if k > k_low:
         seen = set()
-        rng = np.random.default_rng(1)
+        generator = torch.Generator().manual_seed(1)
         for _ in range(200):
-            seen |= set(_choose_reference_stratified(_batch(host_index), k, rng, ctx).tolist())
+            seen |= set(policy.select(row_nll, k, generator).indices.tolist())
         assert seen == set(range(8))
 
 
-@pytest.mark.parametrize("k", [1, 3, 8])
+def test_reference_half_lowest_puts_rows_with_nothing_scored_last():
+    row_nll = _row_nll([float("nan"), 3.0, float("nan"), 1.0, 2.0, float("nan")])
+    generator = torch.Generator().manual_seed(0)
+    # k = 5: the 3 hardest slots go to the 3 scored rows, the 2 random ones to NaN rows
+    assert {1, 3, 4} <= set(ReferenceHalfLowest().select(row_nll, 5, generator).indices.tolist())
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
 def test_reference_lowest_takes_exactly_the_lowest_reference_rows(k):
     rng_data = np.random.default_rng(10 + k)
-    row_nll = rng_data.permutation(100).astype(np.float32)
-    host_index = rng_data.choice(100, size=8, replace=False)
-    ctx = StepContext(seed=0, reference_row_nll=row_nll)
-    picked = _choose_reference_lowest(_batch(host_index), k, np.random.default_rng(0), ctx)
-    assert sorted(picked.tolist()) == sorted(np.argsort(row_nll[host_index])[:k].tolist())
-    # ties keep the batch order (stable), so the choice is deterministic
-    ctx_ties = StepContext(seed=0, reference_row_nll=np.zeros(100, dtype=np.float32))
-    assert _choose_reference_lowest(_batch(host_index), k, np.random.default_rng(1), ctx_ties).tolist() == list(range(k))
+    row_nll = _row_nll(rng_data.permutation(100)[:8].astype(np.float32))
+    policy = ReferenceLowest()
+    assert policy.uses_reference_rows and not policy.uses_router and policy.needs_reference_nll
+    picked = policy.select(row_nll, k, torch.Generator().manual_seed(0))
+    assert picked.indices.tolist() == _lowest(row_nll, k) and picked.row_weight is None
+    # no randomness: ties give the same rows whatever the generator's state
+    ties = torch.zeros(8)
+    choices = {tuple(policy.select(ties, k, torch.Generator().manual_seed(s)).indices.tolist()) for s in range(5)}
+    assert len(choices) == 1 and len(next(iter(choices))) == k
+
+
+def test_reference_lowest_puts_rows_with_nothing_scored_last():
+    row_nll = _row_nll([float("nan"), 3.0, float("nan"), 1.0, 2.0, float("nan")])
+    generator = torch.Generator().manual_seed(0)
+    assert ReferenceLowest().select(row_nll, 2, generator).indices.tolist() == [3, 4]
+    assert ReferenceLowest().select(row_nll, 3, generator).indices.tolist() == [1, 3, 4]
+    four = ReferenceLowest().select(row_nll, 4, generator).indices.tolist()
+    assert {1, 3, 4} < set(four) and len(four) == 4
+
+
+SEQ, ROWS, BATCH = 9, 32, 8
+
+
+def _context(forward_impl="model"):
+    """A target-regime context with a synthetic reference: [ROWS, SEQ - 1] token NLLs, distinct row means."""
+    rng = np.random.default_rng(0)
+    token_nll = rng.uniform(0.5, 6.0, size=(ROWS, SEQ - 1)).astype(np.float32)
+    token_nll += np.arange(ROWS, dtype=np.float32)[rng.permutation(ROWS), None] * 0.01  # no tied row means
+    threshold = float(np.quantile(token_nll.mean(1), 0.3))
+    return StepContext(seed=0, router_layers=1, target_source_id=0, reference_token_nll=torch.from_numpy(token_nll),
+                       reference_thresholds={"heldout": threshold, "heldout99": threshold + 0.1, "otsu": threshold},
+                       num_sources=2, num_train_rows=ROWS, forward_impl=forward_impl)
+
+
+def _bench_batch(index):
+    index = np.asarray(index, dtype=np.int64)
+    rows = torch.from_numpy(np.random.default_rng(int(index.sum())).integers(0, 256, size=(len(index), SEQ)))
+    return Batch(rows, torch.from_numpy(index), (index % 4 == 0).astype(np.int64) ^ 1, index)
+
+
+@pytest.mark.parametrize("name, half", [("reference_lowest", False), ("reference_half_lowest", True)])
+def test_reference_configurations_choose_by_the_reference_of_the_batch_rows(name, half):
+    """The bench's reference configurations pass the reference NLL of the batch's own rows (Batch.index) to
+    the library policy: the rows chosen are the lowest of those rows' means."""
+    from cggr.bench.models import build_preset
+
+    ctx = _context()
+    step = get_config(name).build(build_preset("tiny", 256, SEQ, 0, 0), 0.5, ctx)
+    k = 4
+    for index in (np.arange(BATCH), np.random.default_rng(1).choice(ROWS, BATCH, replace=False)):
+        batch = _bench_batch(index)
+        assert torch.isfinite(step.loss(batch))
+        picked = step.selected_rows().tolist()
+        means = ctx.reference_token_nll[torch.from_numpy(index)].double().mean(1).float()
+        lowest = _lowest(means, (k + 1) // 2 if half else k)
+        assert len(picked) == k and set(lowest) <= set(picked)
+        step.after_step()
+
+
+def test_renamed_configurations_resolve_to_their_new_names():
+    """Job files of earlier rounds keep their names (cggr_stratified, ...): each resolves to the renamed one."""
+    assert RENAMED == {"cggr_stratified": "cggr_half_hardest", "excess_stratified": "excess_half_hardest",
+                       "reference_stratified": "reference_half_lowest", "cggr_random": "random"}
+    for old, new in RENAMED.items():
+        assert old not in CONFIGS and new in CONFIGS
+        assert get_config(old) is get_config(new) is CONFIGS[new]
+    with pytest.raises(ValueError, match="unknown configuration 'cggr_importanc'"):
+        get_config("cggr_importanc")
+    with pytest.raises(ValueError, match="unknown configuration"):
+        get_config("cggr_reference_filter")  # the cggr_<policy> lookups are gone
+
+
+# Configurations that are not a row policy: the whole batch, the token-level CGGRLoss, and the oracle, the only
+# one that chooses rows on the host (it reads the domain labels, which the library never sees).
+NOT_ROW_POLICIES = {"standard": FullBatch, "cggr_loss": CGGRLossStep, "excess_tokens": CGGRLossStep,
+                    "oracle": RowSubset}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_no_configuration_but_the_oracle_chooses_rows_on_the_host(name):
+    """Every row configuration is CGGRModel with a library policy (cggr.policies / cggr.experimental)."""
+    from cggr.bench.models import build_preset
+    from cggr.model import CGGRModel
+
+    step = get_config(name).build(build_preset("tiny", 256, SEQ, 0, 0), 0.5, _context())
+    if name in NOT_ROW_POLICIES:
+        assert type(step) is NOT_ROW_POLICIES[name]
+        return
+    assert isinstance(step, CGGRModelStep) and not isinstance(step, RowSubset)
+    assert isinstance(step.module, CGGRModel) and isinstance(step.module.policy, RowPolicy)
+    assert type(step.module.policy).__module__ in ("cggr.policies", "cggr.experimental.policies")
 
 
 def test_cache_lock_serialises_two_holders(tmp_path):
@@ -139,7 +239,7 @@ def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     """Two jobs of one regime on two workers share a cache (one reference model) and merge into one report."""
     jobs = tmp_path / "jobs.txt"
     common = "--regime target --ratios 0.5 --seeds 0 --reference-budget 64"
-    jobs.write_text(f"a {common} --configs standard reference_stratified\nb {common} --configs excess oracle\n")
+    jobs.write_text(f"a {common} --configs standard reference_half_lowest\nb {common} --configs excess oracle\n")
     root = tmp_path / "root"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "bench_multi_gpu.py"), "--gpus", "0", "1",
            "--root", str(root), "--jobs", str(jobs), "--wall", "600", "--",
@@ -151,8 +251,8 @@ def test_multi_gpu_runner_end_to_end_on_cpu(tmp_path):
     merged = root / "merged" / "target"
     runs = sorted(os.listdir(merged / "runs"))
     assert runs == [f"target__{c}__r{r}__s0.json" for c, r in
-                    [("excess", "0.5"), ("oracle", "0.5"), ("reference_stratified", "0.5"), ("standard", "full")]]
-    assert (merged / "summary.md").read_text().count("| reference_stratified | 0.5 |") == 2  # main + per-source
+                    [("excess", "0.5"), ("oracle", "0.5"), ("reference_half_lowest", "0.5"), ("standard", "full")]]
+    assert (merged / "summary.md").read_text().count("| reference_half_lowest | 0.5 |") == 2  # main + per-source
     references = {json.load(open(merged / "runs" / r))["reference"]["steps"] for r in runs if "standard" not in r}
     assert len(references) == 1  # one reference model for the seed, trained once under the lock
     logs = "".join((root / "logs" / f"{n}.log").read_text() for n in "ab")
@@ -208,7 +308,7 @@ def test_multi_gpu_runner_pins_each_gpu_to_its_cpu_slice(tmp_path):
 
 
 @pytest.mark.parametrize("regime,configs", [("pretrain", ["standard", "cggr_hardest", "cggr_loss"]),
-                                            ("target", ["excess", "reference_stratified"]),
+                                            ("target", ["excess", "reference_half_lowest", "oracle"]),
                                             ("finetune", ["random"])])
 def test_bf16_weights_runs_every_kind_of_step(tmp_path, regime, configs):
     """--dtype bf16-weights: the model (and the reference / stage-1 models) in bfloat16, no autocast."""

@@ -37,7 +37,6 @@ def _context(device, rng, forward_impl):
     row_nll = token_nll.mean(dim=1).cpu().numpy()
     threshold = float(np.quantile(row_nll, 0.3))
     return StepContext(seed=0, router_layers=1, target_source_id=0, reference_token_nll=token_nll,
-                       reference_row_nll=row_nll,
                        reference_thresholds={"heldout": threshold, "heldout99": threshold + 0.1, "otsu": threshold},
                        num_sources=len(SOURCES), num_train_rows=ROWS, forward_impl=forward_impl)
 

@@ -82,11 +82,12 @@ def test_loss_and_gradient_match_float64_cross_entropy_on_selected_rows(dtype, t
     assert (logits.grad[~mask] == 0).all()
 
 
-def test_all_ignored_batch_gives_zero_loss_and_zero_gradient():
+@pytest.mark.parametrize("scoring", ["loss", "combined"])  # combined: no valid token to standardise over
+def test_all_ignored_batch_gives_zero_loss_and_zero_gradient(scoring):
     logits, targets = _batch(n=10, v=7)
     targets[:] = IGNORE
     logits.requires_grad_(True)
-    crit = _criterion()
+    crit = _criterion(scoring=scoring)
     loss = crit(logits, targets)
     loss.backward()
     assert loss.item() == 0.0 and not torch.isnan(loss)
@@ -134,7 +135,7 @@ def test_dynamic_threshold_moves_with_confidence_within_bounds():
 @pytest.mark.parametrize("selection", ["stratified", "sequence_aware"])
 def test_other_selections_choose_valid_tokens(selection):
     logits, targets = _batch(n=8 * 25, v=19, seed=9, shape=(8, 25))
-    crit = _criterion(selection=selection, min_tokens_per_sequence=2)
+    crit = _criterion(scoring="combined", selection=selection, min_tokens_per_sequence=2)
     logits.requires_grad_(True)
     crit(logits, targets).backward()
     mask = crit._last["mask"]
@@ -147,6 +148,31 @@ def test_other_selections_choose_valid_tokens(selection):
         assert int(mask.sum()) >= k
         assert (mask.sum(1) >= torch.minimum(valid.sum(1), torch.tensor(2))).all()
     assert (logits.grad[~mask] == 0).all()
+
+
+def test_defaults_agree_with_cggr_model():
+    """CGGRLoss and CGGRModel share the token score ('loss', as the router policies), a fixed ratio (no dynamic
+    threshold) and the curriculum (issue 17: defaults that agree)."""
+    import inspect
+
+    from cggr import CGGRModel, HardestRows
+
+    crit = CGGRLoss()
+    model_defaults = inspect.signature(CGGRModel).parameters
+    assert crit.scoring == HardestRows().scoring == "loss"
+    assert crit.schedule.dynamic_threshold is False
+    assert crit.schedule.min_tokens_ratio == model_defaults["min_tokens_ratio"].default == 0.25
+    assert crit.schedule.warmup_steps == model_defaults["warmup_steps"].default == 1000
+    assert crit.schedule.schedule == model_defaults["schedule"].default == "linear"
+    # the defaults in action: the tokens with the highest loss, at exactly the ratio however unsure the model
+    logits, targets = _batch(n=200, v=50, seed=8, ignore_frac=0.0)
+    unsure = logits / 100  # batch confidence about 1/50: a dynamic threshold would keep far more than 25 %
+    default = CGGRLoss(warmup_steps=0)
+    default(unsure, targets)
+    explicit = CGGRLoss(scoring="loss", dynamic_threshold=False, warmup_steps=0)
+    explicit(unsure, targets)
+    assert torch.equal(default._last["mask"], explicit._last["mask"])
+    assert default.get_metrics()["tokens_selected"] == 50
 
 
 def test_state_dict_carries_the_curriculum_step():

@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from cggr.router import SUPPORTED_ARCHITECTURES, TruncatedRouter, create_truncated_router
+from cggr.router import ROUTER_ARCHITECTURES, SUPPORTED_ARCHITECTURES, TruncatedRouter, create_truncated_router
 
 VOCAB = 101
 
@@ -204,18 +204,23 @@ def test_num_layers_type():
 
 
 def test_unsupported_architecture():
-    opt = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
-                                         num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
-    with pytest.raises(TypeError, match=r"unsupported architecture OPTForCausalLM; looked for one of "
-                                        r"LlamaForCausalLM, MistralForCausalLM"):
-        create_truncated_router(opt, num_layers=1)
-    with pytest.raises(TypeError, match="unsupported architecture Linear"):
+    # every family's coverage is in test_router_families.py; here the two refusals a user meets first
+    bart = tf.BartForConditionalGeneration(tf.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2,
+                                                         decoder_layers=2, encoder_attention_heads=2,
+                                                         decoder_attention_heads=2, encoder_ffn_dim=32,
+                                                         decoder_ffn_dim=32, max_position_embeddings=32))
+    with pytest.raises(TypeError, match=r"unsupported architecture BartForConditionalGeneration: an encoder-decoder "
+                                        r"model, not decoder-only"):
+        create_truncated_router(bart, num_layers=1)
+    with pytest.raises(TypeError, match="unsupported architecture Linear: not a Hugging Face causal LM"):
         create_truncated_router(nn.Linear(2, 2))
 
 
 def test_supported_list_and_type():
-    assert set(SUPPORTED_ARCHITECTURES) == {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                            "Qwen3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"}
+    # the families of the original API stay supported for the router, ModelTrunk and the fused loss
+    original = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GPT2LMHeadModel",
+                "GPTNeoXForCausalLM"}
+    assert original <= set(SUPPORTED_ARCHITECTURES) <= set(ROUTER_ARCHITECTURES)
     assert isinstance(create_truncated_router(tiny_model("gpt_neox"), 1), TruncatedRouter)
 
 

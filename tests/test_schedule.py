@@ -38,6 +38,16 @@ def test_dynamic_threshold_direction_and_bounds():
         s.ratio(0)
 
 
+def test_default_is_the_curriculum_alone():
+    """dynamic_threshold defaults to False (as in CGGRModel and CGGRLoss): ratio() is the curriculum's host
+    float, it needs no batch confidence and costs no synchronisation."""
+    s = RatioSchedule()
+    assert s.dynamic_threshold is False
+    assert (s.min_tokens_ratio, s.warmup_steps, s.schedule) == (0.25, 1000, "linear")
+    assert isinstance(s.ratio(500), float) and s.ratio(500) == pytest.approx(0.625)
+    assert s.ratio(500, torch.tensor(0.0)) == pytest.approx(0.625)  # a confidence changes nothing
+
+
 def test_batch_confidence_ignores_invalid_tokens():
     p1 = torch.tensor([0.9, 0.1, 0.5])
     valid = torch.tensor([True, False, True])

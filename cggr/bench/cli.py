@@ -149,7 +149,7 @@ def settings_from_args(args, parser, log):
     import torch
 
     from . import data as D
-    from .configs import default_configs
+    from .configs import RENAMED, default_configs
     from .tokenizer import load_tokenizer
 
     tokenizer_spec = args.tokenizer or (args.model if args.model else "bytes")
@@ -189,5 +189,7 @@ def settings_from_args(args, parser, log):
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name not in DERIVED}
 
     def settings(regime):
-        return Settings(regime=regime, **shared, **{**derived, "configs": args.configs or default_configs(regime)})
+        # earlier rounds' names run under today's (RENAMED), so their run files are the same configuration's
+        configs = [RENAMED.get(name, name) for name in args.configs] if args.configs else default_configs(regime)
+        return Settings(regime=regime, **shared, **{**derived, "configs": list(dict.fromkeys(configs))})
     return settings, corpus

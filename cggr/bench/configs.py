@@ -304,6 +304,7 @@ class Config:
     regimes: tuple
     doc: str
     max_router_layers: Optional[int] = None  # recorded: the router depth this configuration really used
+    in_defaults: bool = True  # in the regimes' default lists (False: runs only when named)
 
 
 _ALL = REGIMES
@@ -362,7 +363,8 @@ def _policies():
         "reference_filter_otsu": Config(threshold("otsu", P.ReferenceFilter), True, ("target",),
                                         "ReferenceFilter at experimental otsu_threshold of the pool"),
         "cggr_importance": Config(policy_builder(lambda ctx, depth: X.ImportanceRows(router=router()(depth))),
-                                  True, (), "experimental ImportanceRows (alpha 0.9, T 1); not in any default list"),
+                                  True, _ALL, "experimental ImportanceRows (alpha 0.9, T 1); runs only when named",
+                                  in_defaults=False),
     }
 
 
@@ -390,4 +392,4 @@ def get_config(name: str) -> Config:
 
 
 def default_configs(regime: str):
-    return [name for name, c in CONFIGS.items() if regime in c.regimes]
+    return [name for name, c in CONFIGS.items() if regime in c.regimes and c.in_defaults]
