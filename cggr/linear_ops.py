@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads cggr._C, which defines the cggr namespace, before the fragments below)
+from .op_registry import register_ops
 from .triton_kernels import launch_linear_ce_grad_, launch_softcap_
 
 __all__ = ["softcap_", "linear_ce_grad_", "addmm_f32_"]
@@ -222,13 +223,7 @@ _SCHEMAS = {
                    _addmm_f32_cpu_kernel, _addmm_f32_cuda_kernel, _addmm_f32_fake),
 }
 
-_lib = torch.library.Library("cggr", "FRAGMENT")  # kept alive for the life of the process
-for _name, (_schema, _cpu, _cuda, _fake) in _SCHEMAS.items():
-    _lib.define(_name + _schema)
-    _lib.impl(_name, _cpu, "CPU")
-    _lib.impl(_name, _cuda, "CUDA")
-    torch.library.register_fake(f"cggr::{_name}", _fake, lib=_lib)
-del _name, _schema, _cpu, _cuda, _fake
+_lib = register_ops(_SCHEMAS)  # kept alive for the life of the process
 _SOFTCAP_OP = torch.ops.cggr.softcap_.default
 _LINEAR_CE_GRAD_OP = torch.ops.cggr.linear_ce_grad_.default
 _ADDMM_F32_OP = torch.ops.cggr.addmm_f32_.default

@@ -48,12 +48,12 @@ from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create
 from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets
 from .schedule import SCHEDULES, RatioSchedule, batch_confidence
 from .scoring import score
+from .model_state import STEP_KEY, StepStateDict
 from .step_timing import StepTimer
 
 # Router scoring chunks: 512 MiB of logits. The router keeps no activations for backward, so it can afford
 # larger chunks than cggr.linear's training-path default, and fewer launches.
 ROUTER_CHUNK_BYTES = 512 << 20
-STEP_KEY = "cggr_step"
 # What forward_impl='trunk' can honour besides input_ids / attention_mask / labels: the trunk's own inputs,
 # and the loss's (HF's loss_function takes num_items_in_batch).
 TRUNK_INPUTS = ("position_ids", "token_type_ids")
@@ -96,7 +96,7 @@ def _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
     return RatioSchedule(min_tokens_ratio, warmup_steps, schedule, dynamic_threshold=False)
 
 
-class CGGRModel(nn.Module):
+class CGGRModel(StepStateDict, nn.Module):
     """Selective training of a Hugging Face causal LM (see the module docstring for the contracts).
 
     Args:
@@ -235,52 +235,6 @@ class CGGRModel(nn.Module):
             self._timer.finish()
         self._step += 1
         self._calls_in_step = 0
-
-    def _set_step(self, step):
-        if isinstance(step, torch.Tensor):
-            step = int(step.item()) if step.numel() == 1 and not step.is_floating_point() else step
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state_dict: {STEP_KEY} must be an int >= 0, got {step!r}")
-        self._step = step
-        self._calls_in_step = 0
-
-    # state_dict layout: the plain model's keys (no "model." prefix) plus ``cggr_step``, at any nesting
-    # depth. Saving overrides ``state_dict`` (which nn.Module also calls for children). Loading goes through
-    # hooks, because a parent's ``load_state_dict`` never calls ours: the pre-hook takes ``cggr_step`` out and
-    # maps the model's keys onto the ``model.`` submodule; the post-hook reports keys in the saved layout.
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """The plain model's state_dict (same keys) plus ``cggr_step`` (0-dim int64)."""
-        state = self.model.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        metadata = getattr(state, "_metadata", None)
-        if metadata is not None:
-            # Module versions are looked up by module path on load: also file them under "model.".
-            root = prefix[:-1]
-            for key in [k for k in metadata if k == root or k.startswith(prefix)]:
-                rest = key[len(prefix):] if key != root else ""
-                metadata[prefix + "model" + ("." + rest if rest else "")] = metadata[key]
-        state[prefix + STEP_KEY] = torch.tensor(self._step, dtype=torch.int64)
-        return state
-
-    def _load_pre_hook(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                       error_msgs):
-        step = state_dict.pop(prefix + STEP_KEY, None)
-        self._loading_found_step = step is not None
-        if step is not None:
-            self._set_step(step)
-        # Every other key under the prefix is the model's (a Llama's own keys start with "model." too:
-        # the rename is unconditional, and the post-hook strips exactly one "model.").
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
-        self._loading_prefix = prefix
-
-    def _load_post_hook(self, module, incompatible_keys):
-        prefix = self._loading_prefix
-        model_prefix = prefix + "model."
-        for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
-            keys[:] = [prefix + k[len(model_prefix):] if k.startswith(model_prefix) else k for k in keys]
-        if not self._loading_found_step:
-            # A plain model's state_dict has no step: strict loading reports it, strict=False keeps the step.
-            incompatible_keys.missing_keys.append(prefix + STEP_KEY)
 
     # -- forward -------------------------------------------------------------------------------------
     def select_rows(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

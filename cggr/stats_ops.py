@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 
 from . import _C  # noqa: F401  (loads cggr._C, which defines the cggr namespace, before the fragments below)
+from .op_registry import register_ops
 from .triton_kernels import launch_selective_ce_backward, launch_token_stats
 
 __all__ = ["TokenStats", "token_stats", "selective_ce_backward"]
@@ -281,13 +282,7 @@ _SCHEMAS = {
                               _selective_ce_backward_fake),
 }
 
-_lib = torch.library.Library("cggr", "FRAGMENT")  # kept alive for the life of the process
-for _name, (_schema, _cpu, _cuda, _fake) in _SCHEMAS.items():
-    _lib.define(_name + _schema, tags=(torch.Tag.pt2_compliant_tag,))
-    _lib.impl(_name, _cpu, "CPU")
-    _lib.impl(_name, _cuda, "CUDA")
-    torch.library.register_fake(f"cggr::{_name}", _fake, lib=_lib)
-del _name, _schema, _cpu, _cuda, _fake
+_lib = register_ops(_SCHEMAS, tags=(torch.Tag.pt2_compliant_tag,))  # kept alive for the life of the process
 _TOKEN_STATS_OP = torch.ops.cggr.token_stats.default
 _SELECTIVE_CE_BACKWARD_OP = torch.ops.cggr.selective_ce_backward.default
 
