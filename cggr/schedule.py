@@ -8,7 +8,8 @@ Curriculum (``schedule``):
 
 Dynamic threshold: with c the batch confidence (mean top-1 probability over valid tokens, in [0, 1]),
 ratio = clamp(curriculum_ratio + sensitivity * (0.5 - c), r_min, 1). Low confidence keeps more tokens,
-high confidence fewer, never below r_min nor above 1. It is computed on the device (a 0-dim tensor the
+high confidence fewer, never below r_min nor above 1; a non-finite confidence (a NaN or inf logit in the
+batch) leaves the curriculum ratio. It is computed on the device (a 0-dim tensor the
 selection ops read there), so it costs no host synchronisation.
 """
 import math
@@ -64,6 +65,8 @@ class RatioSchedule:
         if confidence is None:
             raise ValueError("dynamic_threshold=True needs the batch confidence")
         adjusted = base + self.threshold_sensitivity * (0.5 - confidence.to(torch.float32))
+        # a non-finite confidence (a NaN or inf logit) leaves the curriculum ratio: never below r_min
+        adjusted = torch.where(torch.isfinite(adjusted), adjusted, torch.full_like(adjusted, base))
         return adjusted.clamp(self.min_tokens_ratio, 1.0)
 
 
