@@ -482,10 +482,6 @@ def test_token_stats_triton_matches_cpu(case, cfg):
 
 
 @requires_interpreter
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): with V == 1 and a row of -inf (or NaN), the Triton kernel returns p2 = NaN "
-    "(exp((-inf - m) - log s) with log s = -inf); the contract says p2 is 0 when V == 1 and the CPU "
-    "op returns 0"))
 @pytest.mark.parametrize("value", [-INF, NAN])
 def test_token_stats_triton_p2_is_zero_for_v1(value):
     """Minimised by hypothesis from test_token_stats_triton_matches_cpu: logits [[-inf]], target 0."""

@@ -133,7 +133,8 @@ def _token_stats_kernel(
         second = tl.where(n_best > 1, best, second)
     # (x - m) - log s rather than x - lse: exact when |m| is huge and log s is not
     p1 = tl.exp((best - m) - log_s)
-    p2 = tl.exp((second - m) - log_s)
+    # V == 1 has no second logit: 0 by contract (the formula gives NaN for a row of -inf or NaN)
+    p2 = tl.where(V > 1, tl.exp((second - m) - log_s), 0.0)
 
     # target logit: one scalar load per row, only for targets inside [0, V)
     tgt = tl.load(targets_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)

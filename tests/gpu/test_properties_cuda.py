@@ -181,9 +181,6 @@ def test_token_stats_cuda_matches_cpu(case):
         assert_stats_close(got, props.observed_stats_reference(case))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): with V == 1 and a row of -inf (or NaN) the Triton kernel returns p2 = NaN; the contract "
-    "says p2 is 0 when V == 1 and the CPU op returns 0"))
 @pytest.mark.parametrize("value", [-math.inf, math.nan])
 def test_token_stats_cuda_p2_is_zero_for_v1(value):
     out = torch.ops.cggr.token_stats(torch.tensor([[value]], device="cuda"), torch.tensor([0], device="cuda"), -100)
