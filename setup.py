@@ -67,6 +67,21 @@ def _extension():
     )
 
 
+# Optional dependencies (import name = distribution name for all of them). cggr._deps names a missing one
+# with its extra; tests/test_packaging.py checks that what cggr/bench and tests/ import is declared here.
+# cggr.router follows the transformers 5.x model forward; cggr.hf.CGGRTrainer is a transformers Trainer (which
+# needs accelerate); peft and trl are optional (CGGRSFTTrainer needs trl: pip install trl)
+_HF = ["transformers>=5.0", "accelerate"]
+_BENCH = ["numpy", "transformers>=5.0", "tokenizers", "matplotlib", "tqdm"]  # cggr bench: plots, progress bar
+# The test suite, with the transformers release CI pins (the router tests follow its model forward) and what
+# tests/test_hf.py runs on (skipped without it); the same list as requirements-test.txt (CI installs the
+# extras through scripts/setup.sh)
+_TEST = ["pytest", "hypothesis", "ninja", "numpy", "transformers==5.24.0", "tokenizers", "matplotlib", "tqdm",
+         "accelerate", "peft", "trl", "datasets"]
+EXTRAS = {"hf": _HF, "bench": _BENCH, "test": _TEST}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+
+
 setup(
     name="cggr",
     version="0.6.0.dev0",
@@ -78,6 +93,6 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "numpy"], "hf": ["transformers>=4.40"]},
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["cggr=cggr.cli:main"]},
 )

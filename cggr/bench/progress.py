@@ -2,9 +2,11 @@
 10% of the budget (a captured log stays readable: no carriage-return redraws)."""
 import sys
 
+from .. import _deps
+
 try:
     from tqdm import tqdm as _tqdm
-except ImportError:  # tqdm is optional: the line printer below replaces it
+except ImportError:  # tqdm is optional (the `bench` extra): the line printer below replaces it
     _tqdm = None
 
 
@@ -17,7 +19,11 @@ class Progress:
         self._next_line = 0.1
         self._printed = None
         self._bar = None
-        if _tqdm is not None and getattr(self.stream, "isatty", lambda: False)():
+        is_terminal = getattr(self.stream, "isatty", lambda: False)()
+        if _tqdm is None and is_terminal:  # said once per process; in a captured log lines are the norm
+            _deps.note_missing("tqdm", "bench", "cggr bench", "progress is printed as lines, not a bar",
+                               log=lambda msg: print(msg, file=self.stream, flush=True))
+        if _tqdm is not None and is_terminal:
             self._bar = _tqdm(total=total, desc=label, unit=unit, file=self.stream, leave=True,
                               bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n:.0f}/{total:.0f} {unit} "
                                          "[{elapsed}<{remaining}{postfix}]")

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-_SAID_NO_MATPLOTLIB = False
+from .. import _deps
 
 
 def load_runs(out: str) -> List[dict]:
@@ -218,14 +218,13 @@ def write_csv(runs: List[dict], path: str):
 
 
 def plot(runs: List[dict], out: str, log=print) -> List[str]:
-    try:
-        import matplotlib
-    except ImportError:
-        global _SAID_NO_MATPLOTLIB
-        if not _SAID_NO_MATPLOTLIB:  # once per process, however many reports are written
-            log("report: matplotlib is not installed: no plots (table, JSON and CSV are written)")
-            _SAID_NO_MATPLOTLIB = True
+    # matplotlib is optional (the `bench` extra): without it, said once per process (cggr.cli may have
+    # said it already, before the runs), however many reports are written
+    if not _deps.note_missing("matplotlib", "bench", "cggr bench", "the report has no plot (its table, JSON "
+                              "and CSV are written)", log=log):
         return []
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
