@@ -17,6 +17,7 @@ Metrics (per regime; "headline" = the regime's primary validation loss: the mean
   (forgetting, or what the target focus costs elsewhere).
 Every number is a mean over seeds, ``± sd`` the sample standard deviation when there are several.
 """
+import contextlib
 import csv
 import json
 import math
@@ -29,15 +30,30 @@ import numpy as np
 from .. import _deps
 
 
+RUN_KEYS = ("regime", "config", "ratio", "seed", "settings_hash", "curve", "final_val")
+
+
+def read_run_file(path: str) -> dict:
+    """One run file, or a ValueError naming it when it is not one (corrupt, foreign, or from another version)."""
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not a cggr bench run file ({error}); delete it to run that configuration "
+                         "again") from None
+    missing = [key for key in RUN_KEYS if not isinstance(run, dict) or key not in run]
+    if missing:
+        raise ValueError(f"{path}: not a cggr bench run file (no {', '.join(missing)}); delete it to run that "
+                         "configuration again")
+    return run
+
+
 def load_runs(out: str) -> List[dict]:
     runs_dir = os.path.join(out, "runs")
     if not os.path.isdir(runs_dir):
         raise FileNotFoundError(f"{runs_dir}: no runs (run `cggr bench --out {out}` first)")
-    runs = []
-    for name in sorted(os.listdir(runs_dir)):
-        if name.endswith(".json"):
-            with open(os.path.join(runs_dir, name)) as f:
-                runs.append(json.load(f))
+    runs = [read_run_file(os.path.join(runs_dir, name)) for name in sorted(os.listdir(runs_dir))
+            if name.endswith(".json")]
     if not runs:
         raise FileNotFoundError(f"{runs_dir}: no run files")
     return runs
@@ -203,9 +219,23 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs):
+    """Write ``path`` whole or not at all: into a temporary file beside it, renamed over it at the end (a
+    killed run leaves the previous report, never half of one)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_csv(runs: List[dict], path: str):
     sources = sorted({s for r in runs for s in r["final_val"]})
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["regime", "config", "ratio", "seed", "step", "time_s", "tokens", "lr", "train_loss",
                     "val_headline", "val_mean"] + [f"val_{s}" for s in sources])
@@ -261,7 +291,8 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
         fig.suptitle(f"cggr bench: {regime} (one line per seed)")
         fig.tight_layout()
         path = os.path.join(out, f"val_loss_{regime}.png")
-        fig.savefig(path, dpi=110)
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     return written
@@ -272,9 +303,9 @@ def write_reports(out: str, log=print) -> Dict[str, str]:
     summary = summarize(runs)
     paths = {"table": os.path.join(out, "summary.md"), "json": os.path.join(out, "results.json"),
              "csv": os.path.join(out, "curves.csv")}
-    with open(paths["table"], "w") as f:
+    with atomic_open(paths["table"], "w") as f:
         f.write("# cggr bench results\n\n" + markdown(summary, runs))
-    with open(paths["json"], "w") as f:
+    with atomic_open(paths["json"], "w") as f:
         json.dump({"summary": summary, "runs": runs}, f, indent=1)
     write_csv(runs, paths["csv"])
     for i, p in enumerate(plot(runs, out, log)):

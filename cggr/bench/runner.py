@@ -36,6 +36,7 @@ import torch
 
 from . import data as D
 from .configs import StepContext, get_config, router_depth
+from .report import read_run_file
 from .settings import DTYPES, REGIMES, Settings, settings_hash  # noqa: F401  (Settings: the runner's input)
 from .models import ModelSource, build_preset, check_vocab, load_checkpoint, quiet_transformers
 from .train import Budget, Evaluator, OptimConfig, token_nll, train
@@ -129,8 +130,7 @@ class Bench:
         for name in sorted(os.listdir(self.runs_dir)):
             if not name.startswith(self.s.regime + "__") or not name.endswith(".json"):
                 continue
-            with open(os.path.join(self.runs_dir, name)) as f:
-                other = json.load(f)["settings_hash"]
+            other = read_run_file(os.path.join(self.runs_dir, name))["settings_hash"]
             if other != self.hash:
                 raise ValueError(f"{self.runs_dir}/{name} was run with other settings (hash {other}, now "
                                  f"{self.hash}); use another --out, or the same settings to add runs")

@@ -1,0 +1,62 @@
+"""``cggr bench`` killed (SIGKILL) at random points, then run again with the same --out: finished runs are
+kept, no half-written file is read as a result, and the runs and their losses are those of an
+uninterrupted run (token budget: deterministic). A corrupt run file gets an error naming it."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cggr.bench import report
+
+ARGS = ["bench", "--regime", "pretrain", "--configs", "standard", "random", "cggr_hardest", "--ratios", "0.5",
+        "--seq-len", "16", "--batch-size", "4", "--token-budget", "256", "--eval-every", "64", "--eval-rows", "2",
+        "--untimed-warmup-steps", "1", "--router-layers", "1", "--device", "cpu"]
+
+
+def _bench(out, cache):
+    return [sys.executable, "-m", "cggr"] + ARGS + ["--out", str(out), "--cache-dir", str(cache)]
+
+
+def _losses(out):
+    return {(r["config"], r["seed"]): [(p["tokens"], p["val"]) for p in r["curve"]] for r in report.load_runs(str(out))}
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    subprocess.run(_bench(tmp_path / "whole", tmp_path / "cache"), check=True, env=env, capture_output=True)
+    duration = time.monotonic() - start
+    rng = random.Random(int(os.environ.get("CGGR_KILL_SEED", "0")))
+    out = tmp_path / "killed"
+    for _ in range(3):  # three kills at random points of a run's duration, each from a fresh start
+        process = subprocess.Popen(_bench(out, tmp_path / "cache"), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        runs_dir = out / "runs"
+        for name in os.listdir(runs_dir) if runs_dir.exists() else []:
+            if name.endswith(".json"):  # every finished run file is whole
+                report.read_run_file(str(runs_dir / name))
+    subprocess.run(_bench(out, tmp_path / "cache"), check=True, env=env, capture_output=True)
+    assert _losses(out) == _losses(tmp_path / "whole")
+    summary = json.load(open(out / "results.json"))
+    assert sorted(r["config"] for r in summary["runs"]) == ["cggr_hardest", "random", "standard"]
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+
+
+def test_a_corrupt_run_file_is_named(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "pretrain__standard__rfull__s0.json").write_text('{"regime": "pretrain", "con')
+    with pytest.raises(ValueError, match=r"pretrain__standard__rfull__s0.json: not a cggr bench run file"):
+        report.load_runs(str(tmp_path))
+    (runs / "pretrain__standard__rfull__s0.json").write_text('{"something": "else"}')
+    with pytest.raises(ValueError, match=r"not a cggr bench run file \(no regime, config"):
+        report.load_runs(str(tmp_path))
