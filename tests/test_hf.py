@@ -403,3 +403,25 @@ def test_sft_trainer_without_trl_names_the_install(monkeypatch):
     with pytest.raises(ImportError, match="pip install trl"):
         hf.CGGRSFTTrainer
     assert os.path.basename(hf.__file__) == "__init__.py"
+
+
+def test_add_reference_nll_equals_the_reference_row_by_row():
+    """cggr.hf.add_reference_nll (batched, padded) gives each example what the reference gives it alone."""
+    datasets = pytest.importorskip("datasets")
+    from cggr.hf import add_reference_nll
+
+    data = examples(7, seed=3)
+    data[2]["labels"] = [-100, -100] + data[2]["input_ids"][2:]  # a prompt whose targets are not trained
+    for e in data:
+        e.setdefault("labels", list(e["input_ids"]))
+    reference = ReferenceModel(tiny_model("llama", seed=11))
+    dataset = add_reference_nll(datasets.Dataset.from_list(data), reference, column="ref", batch_size=3)
+    for e, row in zip(data, dataset["ref"]):
+        alone = reference(torch.tensor([e["input_ids"]]), torch.tensor([e["labels"]]))[0]
+        assert len(row) == len(e["input_ids"]) - 1
+        torch.testing.assert_close(torch.tensor(row), alone, rtol=1e-5, atol=1e-5)
+    assert dataset["ref"][2][0] == 0.0  # label -100: no NLL
+    with pytest.raises(ValueError, match="column 'ref' already exists"):
+        add_reference_nll(dataset, reference, column="ref")
+    with pytest.raises(ValueError, match="an example of 1 token"):
+        add_reference_nll(datasets.Dataset.from_list([{"input_ids": [3]}]), reference)

@@ -6,9 +6,10 @@
 import importlib
 
 from .config import CGGRConfig
+from .reference_column import add_reference_nll
 from .trainer import CGGRCallback, CGGRTrainer, CGGRTrainerMixin
 
-__all__ = ["CGGRCallback", "CGGRConfig", "CGGRSFTTrainer", "CGGRTrainer", "CGGRTrainerMixin"]
+__all__ = ["CGGRCallback", "CGGRConfig", "CGGRSFTTrainer", "CGGRTrainer", "CGGRTrainerMixin", "add_reference_nll"]
 
 
 def __getattr__(name):
