@@ -4,6 +4,10 @@ Environment:
   TORCH_CUDA_ARCH_LIST  honoured; defaults to "8.0;9.0" (Ampere, Hopper) to keep builds bounded.
   CUDA_HOME             honoured; when unset and torch's guess has no lib64/libcudart, /usr/local/cuda is tried.
   CGGR_FORCE_CPU=1      build the CPU ops only, even where CUDA could be built.
+
+The build writes cggr/_build_info.py (gitignored) next to the compiled module: the torch it was built
+against and the CUDA architectures, so that `cggr env` can report them and a `cggr._C` that no longer loads
+after a torch upgrade is explained (cggr/__init__.py).
 """
 import glob
 import os
@@ -62,9 +66,33 @@ def _extension():
         "cggr._C",
         cpp_sources,
         include_dirs=[os.path.join(here, "csrc")],
-        
         extra_compile_args={"cxx": cxx_flags},
     )
+
+
+def _build_info_source(with_cuda: bool) -> str:
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None
+    return ("# Written by setup.py when cggr._C is built (not in git): what the extension was built against.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+            f"WITH_CUDA = {with_cuda!r}\n"
+            f"CUDA_ARCH_LIST = {arch!r}\n")
+
+
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, then cggr/_build_info.py written next to the compiled module (the build
+    folder, for a wheel) and into the source folder (for an editable install)."""
+
+    def run(self):
+        super().run()
+        with_cuda = any(macro[0] == "CGGR_WITH_CUDA" for ext in self.extensions for macro in ext.define_macros)
+        text = _build_info_source(with_cuda)
+        folders = {os.path.dirname(self.get_ext_fullpath("cggr._C")),
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "cggr")}
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                f.write(text)
 
 
 # Optional dependencies (import name = distribution name for all of them). cggr._deps names a missing one
@@ -86,11 +114,16 @@ setup(
     name="cggr",
     version="0.6.0.dev0",
     description="Confidence-Gated Gradient Routing: selective-token training that is really faster",
+    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    license_files=["LICENSE"],
     packages=find_packages(include=["cggr", "cggr.*"]) + ["cggr.triton_kernels"],
     package_dir={"cggr.triton_kernels": "triton_kernels"},
-    package_data={"cggr.bench": ["data/*"]},  # the embedded default corpus of `cggr bench`
+    # the embedded default corpus of `cggr bench`; py.typed: the package ships type hints (PEP 561)
+    package_data={"cggr.bench": ["data/*"], "cggr": ["py.typed"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     extras_require=EXTRAS,

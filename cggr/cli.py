@@ -1,4 +1,5 @@
-"""The ``cggr`` command. Subcommands: ``bench`` (see ``cggr bench --help`` and docs/bench.md).
+"""The ``cggr`` command. Subcommands: ``bench`` (see ``cggr bench --help`` and docs/bench.md) and ``env``
+(the versions and hardware a bug report needs; cggr.env).
 
 ``cggr --help`` needs torch only: a subcommand's module (and its dependencies) is imported only when that
 subcommand runs, after its dependencies are checked, so a missing one is named once with the extra of
@@ -50,7 +51,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         add_arguments(bench)
         bench.set_defaults(func=run)
+    sub.add_parser("env", help="print what a bug report needs: versions of cggr, torch, CUDA, Triton and "
+                              "transformers, the compiled ops, the GPU",
+                   description="Print the versions of cggr, Python, torch, CUDA, Triton and transformers, whether "
+                               "the CUDA ops were compiled (and for which architectures), the GPU, and whether "
+                               "the Triton kernels can run; paste it into a bug report.")
     args = parser.parse_args(argv)  # `cggr --help` and `cggr bench --help` exit here
+    if args.command == "env":
+        from . import env
+
+        return env.main()
     if args.command == "bench":
         status = _check_bench_dependencies()
         if status:

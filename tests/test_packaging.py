@@ -176,3 +176,147 @@ def test_cggr_bench_without_its_dependencies_says_so_in_one_line(tmp_path):
     assert "returned 2" in out, err
     assert "error: cggr bench needs numpy, transformers (the 'bench' extra: pip install" in err
     assert "Traceback" not in err and err.count("needs") == 1
+
+
+# --- a cggr._C built against another torch (issue 19, item 4) --------------------------------------------
+
+_WITH_BROKEN_EXTENSION = """
+import importlib.abc, importlib.machinery, sys
+
+class BrokenExtension(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # cggr._C as the loader meets it after a torch upgrade
+    def find_spec(self, name, path=None, target=None):
+        if name == "cggr._C":
+            return importlib.machinery.ModuleSpec(name, self)
+        if name == "cggr._build_info" and sys.argv[1] == "recorded":
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        if module.__name__ == "cggr._build_info":
+            module.TORCH_VERSION = "2.9.0+cu128"
+            return
+        raise ImportError(sys.argv[2])
+
+sys.meta_path.insert(0, BrokenExtension())
+import cggr
+"""
+
+
+def _import_with_broken_extension(build_info, loader_message):
+    return subprocess.run([sys.executable, "-c", _WITH_BROKEN_EXTENSION, build_info, loader_message],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+UNDEFINED_SYMBOL = ("/site-packages/cggr/_C.cpython-311-x86_64-linux-gnu.so: undefined symbol: "
+                    "_ZN3c1017RegisterOperatorsD1Ev")
+
+
+def test_an_extension_built_against_another_torch_says_to_rebuild():
+    import torch
+
+    run = _import_with_broken_extension("recorded", UNDEFINED_SYMBOL)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: cggr's compiled ops (cggr._C) were built against torch 2.9.0+cu128 and "
+                           f"do not load with the torch installed now ({torch.__version__}); rebuild them: "
+                           "bash scripts/setup.sh (or: pip install --no-build-isolation -e .)"), run.stderr
+    assert UNDEFINED_SYMBOL in last  # the loader's words are kept, in the same line
+    assert run.stderr.count("Traceback") == 1 and "During handling" not in run.stderr
+
+
+def test_the_rebuild_message_without_a_recorded_build():
+    run = _import_with_broken_extension("absent", UNDEFINED_SYMBOL)
+    assert "built against another torch (its version was not recorded)" in run.stderr, run.stderr
+    assert "rebuild them: bash scripts/setup.sh" in run.stderr
+
+
+def test_other_import_errors_of_the_extension_are_not_disguised():
+    run = _import_with_broken_extension("recorded", "libcudart.so.13: cannot open shared object file")
+    last = run.stderr.strip().splitlines()[-1]
+    assert last == "ImportError: libcudart.so.13: cannot open shared object file", run.stderr
+
+
+def test_the_rebuild_message_builder():
+    import cggr
+
+    error = cggr._extension_import_error(ImportError("_C.so: undefined symbol: _ZN2at4_ops"), "2.99.0")
+    assert isinstance(error, ImportError) and "torch installed now (2.99.0)" in str(error)
+    assert cggr.REBUILD_COMMAND in str(error)
+    missing = ModuleNotFoundError("No module named 'cggr._C'", name="cggr._C")
+    assert "not built" in str(cggr._extension_import_error(missing, "2.99.0"))
+    assert cggr._extension_import_error(ImportError("No module named 'numpy'"), "2.99.0") is None
+    assert cggr._extension_import_error(ModuleNotFoundError("x", name="numpy"), "2.99.0") is None
+
+
+# --- cggr env (issue 19, item 5) -------------------------------------------------------------------------
+
+ENV_LINES = ("cggr", "Python", "Platform", "torch", "CUDA (torch.version.cuda)", "Triton", "transformers",
+             "cggr CUDA ops", "GPU", "Triton kernels")
+
+
+def _env_lines(stdout):
+    return dict(line.split(": ", 1) for line in stdout.strip().splitlines())
+
+
+def test_cggr_env_reports_one_line_each():
+    import torch
+
+    import cggr
+    from cggr import _C
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "cggr", "env"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = _env_lines(run.stdout)
+    assert tuple(lines) == ENV_LINES
+    assert lines["cggr"] == cggr.__version__ and lines["torch"] == torch.__version__
+    assert lines["CUDA (torch.version.cuda)"] == (torch.version.cuda or "none (a CPU build of torch)")
+    assert lines["cggr CUDA ops"].startswith("compiled" if _C.with_cuda else "not compiled (CPU ops only)")
+    if torch.cuda.is_available():
+        assert f"(capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})" in lines["GPU"]
+        assert lines["Triton kernels"] == "can run (CUDA GPU)"
+    else:
+        assert lines["GPU"] == "none"
+        assert lines["Triton kernels"].startswith("cannot run: no GPU and TRITON_INTERPRET is not 1")
+        env["TRITON_INTERPRET"] = "1"
+        run = subprocess.run([sys.executable, "-m", "cggr", "env"], capture_output=True, text=True, cwd=ROOT,
+                             env=env, timeout=300)
+        assert _env_lines(run.stdout)["Triton kernels"].startswith("can run (TRITON_INTERPRET=1")
+
+
+def test_cggr_env_needs_torch_only():
+    out, err = _cli_without_bench_deps("env")
+    assert "returned 0" in out, err
+    lines = _env_lines(out.replace("returned 0", ""))
+    assert lines["transformers"] == "not installed" and tuple(lines) == ENV_LINES
+    assert "Traceback" not in err
+
+
+def test_cggr_env_reads_the_build_info(monkeypatch):
+    import types
+
+    from cggr import _C, env
+
+    info = types.SimpleNamespace(TORCH_VERSION="2.14.1+cu130", CUDA_ARCH_LIST="8.0;9.0")
+    monkeypatch.setattr(env, "_build_info", lambda: info)
+    if _C.with_cuda:
+        assert env._cuda_ops() == "compiled for TORCH_CUDA_ARCH_LIST=8.0;9.0; built with torch 2.14.1+cu130"
+    else:
+        assert env._cuda_ops() == "not compiled (CPU ops only); built with torch 2.14.1+cu130"
+    monkeypatch.setattr(env, "_build_info", lambda: None)
+    assert "built with" not in env._cuda_ops()
+
+
+def test_the_sdist_ships_the_headers_and_kernels():
+    manifest = open(os.path.join(ROOT, "MANIFEST.in")).read()
+    assert "recursive-include csrc *.h" in manifest and "recursive-include triton_kernels *.py" in manifest
+    assert "exclude cggr/_build_info.py" in manifest
+    assert os.path.exists(os.path.join(ROOT, "cggr", "py.typed"))
+    for name in ("LICENSE", "CHANGELOG.md"):
+        assert os.path.exists(os.path.join(ROOT, name)), name
+    version = re.search(r'__version__ = "([^"]+)"', open(os.path.join(ROOT, "cggr", "__init__.py")).read())
+    assert f'version="{version.group(1)}"' in open(os.path.join(ROOT, "setup.py")).read()
+    assert f"## {version.group(1)}" in open(os.path.join(ROOT, "CHANGELOG.md")).read()
