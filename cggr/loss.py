@@ -107,6 +107,8 @@ class CGGRLoss(nn.Module):
 
     # -- curriculum state -------------------------------------------------------------------
     def step(self):
+        """Advance the curriculum by one step; call once per optimizer step (after ``optimizer.step()``).
+        No synchronisation."""
         self.step_count += 1
 
     def get_extra_state(self):
@@ -167,6 +169,17 @@ class CGGRLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor,
                 reference_nll: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Selective cross entropy of ``logits`` against ``targets``.
+
+        ``logits``: [N, V] or [B, T, V], float32/bfloat16/float16, last-dim stride 1. ``targets``: int64 (or
+        int32) [N] or [B, T] aligned with the logits (with ``shift_labels=True``: Hugging Face labels, shifted
+        here). ``reference_nll``: like ``targets``, float, required by ``scoring='excess_loss'`` only. Scores
+        every token in one pass, keeps the ratio of the curriculum (``current_ratio``; with the dynamic
+        threshold, adjusted by the batch's confidence on the device) and returns the loss of the kept tokens
+        (``reduction``); the backward writes gradient to the kept tokens' logits only. Synchronisation: one,
+        the target check (``validate_targets=False`` skips it). Errors: a ``ValueError`` naming the argument
+        for a wrong shape, dtype or target.
+        """
         logits, targets = self._align(logits, targets, "logits")
         token_shape = targets.shape
         flat_logits = logits.reshape(-1, logits.shape[-1])  # a view when rows are evenly strided

@@ -5,6 +5,8 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
+
 from cggr.bench import cli
 from cggr.bench.models import PRESETS
 from cggr.bench.settings import PRESET_NAMES, Settings
@@ -59,3 +61,24 @@ def test_help_needs_only_the_package():
             "bad = [m for m in ('transformers', 'matplotlib', 'cggr.bench.runner', 'cggr.bench.data') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+    (["--corpus", "/no/such/corpus"], "--corpus /no/such/corpus: no such file or folder"),
+    (["--token-budget", "0"], "--token-budget must be > 0"),
+    (["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here"),
+])
+def test_user_errors_are_one_line_naming_the_flag_and_write_nothing(tmp_path, capsys, argv, message):
+    import torch
+
+    from cggr.cli import main
+
+    if argv[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--out", str(out), "--cache-dir", str(tmp_path / "cache")] + argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -7,6 +7,7 @@ both ways). Importing this module needs only the standard library and the packag
 """
 import argparse
 import dataclasses
+import os
 import time
 
 from .settings import (CLOCKS, COMPILE_MODES, DTYPES, EMBEDDED_DIR, FORWARD_IMPLS, PRESET_NAMES, REGIMES,
@@ -28,10 +29,11 @@ def add_arguments(p: argparse.ArgumentParser):
                         "--finetune-source, then train on it; target: mixed pool, goal --target-source, with a "
                         "reference model (RHO-LOSS setting)")
     g.add_argument("--configs", nargs="+", default=None,
-                   help="default: every configuration of the regime (standard random cggr_hardest "
-                        "cggr_stratified cggr_random cggr_loss; target adds oracle excess excess_tokens)")
+                   help="default: each regime's default list (docs/bench.md, 'Configurations'; e.g. pretrain: "
+                        "standard random cggr_hardest cggr_half_hardest source_baseline row_baseline cggr_loss)")
     g.add_argument("--ratios", nargs="+", type=float, default=DEFAULTS.ratios, help="kept fraction of rows/tokens")
-    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULTS.seeds)
+    g.add_argument("--seeds", nargs="+", type=int, default=DEFAULTS.seeds,
+                   help="one run of every configuration per seed (data order, initialisation, random rows)")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--time-budget", type=float, default=None,
                         help="training seconds per configuration (default 20 when no --token-budget); the LR "
@@ -64,14 +66,16 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--val-frac", type=float, default=0.05)
     g.add_argument("--test-frac", type=float, default=0.05)
     g.add_argument("--prepare-only", action="store_true", help="tokenize, print the token file path, exit")
-    g.add_argument("--finetune-source", default=DEFAULTS.finetune_source)
+    g.add_argument("--finetune-source", default=DEFAULTS.finetune_source,
+                   help="finetune: the source held out of stage 1 and trained on after it")
     g.add_argument("--target-source", default=DEFAULTS.target_source)
     g.add_argument("--reference-frac", type=float, default=DEFAULTS.reference_frac,
                    help="fraction of the target's training documents held out for the reference model")
 
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder to start from")
-    g.add_argument("--model-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.model_preset)
+    g.add_argument("--model-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.model_preset,
+                   help="the Llama size to train from scratch when no --model is given")
     g.add_argument("--init-checkpoint", default=DEFAULTS.init_checkpoint,
                    help="finetune: stage-1 model folder (CACHE/init/... of an earlier run, or any HF causal LM); "
                         "skips stage 1")
@@ -79,8 +83,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="fraction of the reference's clean documents it never trains on; its NLL on them sets "
                         "the domain threshold of reference_filter")
     g.add_argument("--reference-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.reference_preset)
-    g.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    g.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="tokens per training row (targets)")
+    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help="rows per batch, before selection (every configuration sees the same batches)")
     g.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
     g.add_argument("--eval-rows", type=int, default=DEFAULTS.eval_rows, help="validation/test rows per source")
     g.add_argument("--lr", type=float, default=DEFAULTS.lr, help="peak learning rate")
@@ -152,6 +157,19 @@ def settings_from_args(args, parser, log):
     from .configs import RENAMED, default_configs
     from .tokenizer import load_tokenizer
 
+    # user errors first, one line each, naming the flag: before any work, and before any output is written
+    if args.model is not None and not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such folder (a local Hugging Face causal-LM folder is expected)")
+    for path in args.corpus:
+        if not os.path.exists(path):
+            parser.error(f"--corpus {path}: no such file or folder")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here (torch {torch.__version__}); use "
+                     "--device cpu")
+    for name in ("time_budget", "token_budget"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     tokenizer_spec = args.tokenizer or (args.model if args.model else "bytes")
     if len(args.corpus) == 1 and args.corpus[0].endswith(".npz"):
         if args.tokenizer:
