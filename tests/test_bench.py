@@ -257,6 +257,8 @@ def test_reports_written(bench_out):
     for regime in ("pretrain", "finetune", "target"):
         assert f"## {regime}" in table
     assert "| excess | 0.5 |" in table and "± " in table  # two pretrain seeds give a spread
+    assert "| excess (1 seed) | 0.5 |" in table  # one target seed: marked, no spread
+    assert "| standard | - | " in table.split("## pretrain")[1].split("## ")[0]  # two seeds: no mark
     results = json.load(open(os.path.join(bench_out, "results.json")))
     pretrain = {(r["config"], r["ratio"]): r for r in results["summary"]["pretrain"]}
     assert pretrain[("standard", None)]["seeds"] == [0, 1] and pretrain[("standard", None)]["speedup"] == 1.0

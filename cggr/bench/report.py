@@ -15,7 +15,8 @@ Metrics (per regime; "headline" = the regime's primary validation loss: the mean
   ``mix: time to std``: time to std measured on that loss.
 - ``others val`` (finetune, target): mean validation loss of the sources other than the headline's
   (forgetting, or what the target focus costs elsewhere).
-Every number is a mean over seeds, ``± sd`` the sample standard deviation when there are several.
+Every number is a mean over seeds, ``± sd`` the sample standard deviation when there are several; a row
+from one seed says ``(1 seed)`` after its configuration (its numbers carry no spread).
 """
 import contextlib
 import csv
@@ -201,7 +202,7 @@ def markdown(summary: Dict[str, List[dict]], runs: List[dict]) -> str:
             if r["diverged"]:
                 reached += f" ({r['diverged']} diverged)"
             lines.append(
-                f"| {r['config']} | {_ratio(r['ratio'])} | "
+                f"| {r['config']}{' (1 seed)' if n == 1 else ''} | {_ratio(r['ratio'])} | "
                 f"{_fmt(r['val'], r['val_sd'])} | {_fmt(r['test'], r['test_sd'])} | "
                 f"{_fmt(r['time_to_std'], r['time_to_std_sd'], 1)} | "
                 f"{_fmt(r['tokens_to_std'], r['tokens_to_std_sd'], 2, 1e-6)} | {reached} | "
@@ -262,7 +263,9 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
     for regime in sorted({r["regime"] for r in runs}):
         rs = [r for r in runs if r["regime"] == regime]
         keys = sorted({(r["config"], r["ratio"]) for r in rs}, key=lambda k: (k[0] != "standard", k[0], k[1] or 0))
+        # 10 colours x 4 line styles: up to 40 configurations stay distinguishable
         colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(keys)}
+        styles = {k: ("-", "--", "-.", ":")[(i // 10) % 4] for i, k in enumerate(keys)}
         fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
         for r in rs:
             key = (r["config"], r["ratio"])
@@ -270,7 +273,7 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
             ys = [headline(p["val"], r["primary"]) for p in r["curve"]]
             first = r["seed"] == min(x["seed"] for x in rs if (x["config"], x["ratio"]) == key)
             style = dict(color=colors[key], lw=2.0 if r["config"] == "standard" else 1.3,
-                         ls="-" if r["ratio"] in (None, 0.25) else "--", label=label if first else None)
+                         ls=styles[key], label=label if first else None)
             axes[0].plot([p["time"] for p in r["curve"]], ys, **style)
             axes[1].plot([p["tokens"] / 1e6 for p in r["curve"]], ys, **style)
         std_finals = [headline(r["final_val"], r["primary"]) for r in rs if r["config"] == "standard"]
@@ -287,12 +290,13 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
         if finals:  # the first evaluations (random init) would squash the interesting part of the plot
             low, high = min(finals), max(finals)
             axes[0].set_ylim(low - 0.05 * (high - low + 1e-6), high + 0.05 * (high - low + 1e-6))
-        axes[1].legend(fontsize=8, loc="upper right")
+        # the legend outside the data: beside the right axes
+        axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
         fig.suptitle(f"cggr bench: {regime} (one line per seed)")
         fig.tight_layout()
         path = os.path.join(out, f"val_loss_{regime}.png")
         with atomic_open(path, "wb") as f:
-            fig.savefig(f, dpi=110, format="png")
+            fig.savefig(f, dpi=110, format="png", bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written
