@@ -286,6 +286,12 @@ class Bench:
                     return written, left
             if seed not in prepared:
                 prepared[seed] = self._prepare(seed)
+            todo = [p for p in plan[i:] if not os.path.exists(
+                os.path.join(self.runs_dir, run_name(self.s.regime, p[1], p[2], p[0]) + ".json"))]
+            per_run = longest if longest is not None else self._estimate(self.s.budget)
+            left_text = f", about {per_run * len(todo) / 60:.1f} min left for this regime" if per_run else ""
+            self.log(f"{self.s.regime}: run {i + 1} of {len(plan)}: {name}"
+                     f"{'' if ratio is None else f' r={ratio:g}'} seed {seed}{left_text}")
             start = time.monotonic()
             record = self._run_one(seed, name, ratio, prepared[seed])
             longest = max(longest or 0.0, time.monotonic() - start)
