@@ -92,6 +92,16 @@ def translate(old: dict, policy, router_given: bool, min_tokens_ratio, warmup_st
                          f"{resolved!r} runs no router (0.5 built one for it alone). New spelling: "
                          "policy=cggr.HardestRows(...), schedule=RatioSchedule(..., dynamic_threshold=True), or "
                          "leave the dynamic threshold off")
+    scoring = old.get("scoring", "loss")
+    if not resolved.uses_router and scoring != "loss" and (old.get("token_ratio", 1.0) < 1.0
+                                                            or scoring == "excess_loss"):
+        # 0.5 used scoring= (and reference_nll) for the token choice of token_ratio < 1 even for random or
+        # reference-filtered rows; 0.6's policies without a router score those tokens by 'loss' alone
+        raise ValueError(f"CGGRModel(selection={old.get('selection', POLICY_AUTO)!r}, scoring={scoring!r}"
+                         f"{', token_ratio=...' if old.get('token_ratio', 1.0) < 1.0 else ''}): in cggr 0.6 "
+                         f"{resolved!r} takes no token scoring and no reference for the token choice; "
+                         "not supported any more: use policy=cggr.HardestRows(scoring=...) or "
+                         "cggr.ExcessLossRows() (router-ranked rows), or leave scoring at 'loss'")
     unused = [key for key in ("scoring", "router_layers", "router_token_stride", "router_max_positions",
                               "router_chunk_size", "combined_weights") if key in old and not resolved.uses_router]
     note = ""

@@ -85,6 +85,20 @@ def check_causal_lm(model):
                     "model's own labels= loss")
 
 
+def _check_selection(selection, batch_size, device):
+    """Host-only checks of a ``RowSelection`` (from a policy or the caller), naming what is wrong."""
+    idx, weight = selection.indices, selection.row_weight
+    if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64 or idx.device != device
+            or not 1 <= idx.shape[0] <= batch_size):
+        what = (f"{tuple(idx.shape)} {idx.dtype} on {idx.device}" if isinstance(idx, torch.Tensor)
+                else type(idx).__name__)
+        raise ValueError(f"rows: RowSelection.indices must be a 1-D int64 tensor of 1 to {batch_size} batch "
+                         f"positions on {device}, got {what}")
+    if weight is not None and (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(idx.shape)):
+        raise ValueError(f"rows: RowSelection.row_weight must be None or a tensor of shape {tuple(idx.shape)}, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+
+
 def _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
     if isinstance(schedule, RatioSchedule):
         if not defaults_given:
@@ -127,6 +141,9 @@ class CGGRModel(StepStateDict, nn.Module):
         super().__init__()
         check_causal_lm(model)
         defaults_given = min_tokens_ratio == 0.25 and warmup_steps == 1000
+        if isinstance(schedule, RatioSchedule) and not defaults_given:
+            raise ValueError("pass the ratio and warm-up either as min_tokens_ratio= / warmup_steps= or inside "
+                             "schedule=RatioSchedule(...), not both")
         if deprecated:
             policy, schedule, legacy_options = _legacy.translate(deprecated, policy, router is not None,
                                                                  min_tokens_ratio, warmup_steps, schedule)
@@ -135,7 +152,7 @@ class CGGRModel(StepStateDict, nn.Module):
                     raise ValueError("pass either step_options=StepOptions(...) or the old "
                                      f"{', '.join(k for k in _legacy.STEP_KEYS if k in deprecated)}, not both")
                 step_options = legacy_options
-            defaults_given = defaults_given or isinstance(schedule, RatioSchedule)
+            defaults_given = True  # translate built the schedule from these very values, or checked above
         self.schedule = _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given)
         self.policy = resolve_policy(policy, router is not None)
         options = StepOptions() if step_options is None else step_options
@@ -150,6 +167,10 @@ class CGGRModel(StepStateDict, nn.Module):
                 raise TypeError(f"StepOptions({'loss_impl' if name == 'fused' else 'forward_impl'}={name!r}): "
                                 f"unsupported architecture {type(model).__name__}; looked for one of "
                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        if options.loss_impl == "fused" and getattr(getattr(model, "config", None), "output_router_logits", False):
+            raise ValueError("StepOptions(loss_impl='fused') computes the cross entropy only: this MoE model's "
+                             "config has output_router_logits=True, whose load-balancing loss the model adds to "
+                             "its own loss; use loss_impl='model' (or set output_router_logits=False)")
         if self.policy.loss_norm == "batch" and options.token_ratio < 1.0:
             raise ValueError(f"{self.policy!r} estimates the full batch's loss; StepOptions(token_ratio < 1) would "
                              "drop tokens and bias it: use token_ratio=1.0")
@@ -290,7 +311,9 @@ class CGGRModel(StepStateDict, nn.Module):
         if k >= B:
             return None
         values = self.last_row_values if self.last_row_values is not None else B
-        return self.policy.select(values, k, self._generator(input_ids.device))
+        selection = self.policy.select(values, k, self._generator(input_ids.device))
+        _check_selection(selection, B, input_ids.device)
+        return selection
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, rows: Union[RowSelection, str, None] = "policy",
@@ -305,6 +328,9 @@ class CGGRModel(StepStateDict, nn.Module):
         if labels is None:
             return self.model(input_ids, attention_mask=attention_mask, **kwargs)
         reference_nll = kwargs.pop("reference_nll", None)
+        if not self.training:
+            # evaluation: the model's own loss over every row; no selection, no draw from the generator
+            return self.model(input_ids, labels=labels, attention_mask=attention_mask, **kwargs).loss
         if self._timer is not None:
             self._timer.start(input_ids.device)
         if isinstance(rows, str):
@@ -315,9 +341,11 @@ class CGGRModel(StepStateDict, nn.Module):
             if rows is not None and not isinstance(rows, RowSelection):
                 raise TypeError(f"rows must be 'policy', a RowSelection or None, got {type(rows).__name__}")
             selection = rows
-            self._ratio = self.current_ratio
-            self._confidence = None
+            if self._ratio is None:  # no select_rows before: the curriculum's ratio (else the one it used)
+                self._ratio = self.current_ratio
         B = input_ids.shape[0]
+        if selection is not None:
+            _check_selection(selection, B, input_ids.device)
         ratio, confidence = self._ratio, self._confidence
         k = B if selection is None else int(selection.indices.shape[0])
         if self._timer is not None:
@@ -379,6 +407,7 @@ class CGGRModel(StepStateDict, nn.Module):
             "confidence": confidence,
             "rows": selection.indices if selection is not None else None,  # for tests / inspection
         }
+        self._ratio, self._confidence = None, None  # consumed: the next forward(rows=...) needs its own
         return loss
 
     def _score_rows(self, input_ids, labels, attention_mask, kwargs, reference_nll):

@@ -104,7 +104,9 @@ class RowPolicy:
         raise NotImplementedError
 
     def _fields(self):
-        return {}
+        """The parameters that define the policy (repr, equality, the Trainer's resume check): by default the
+        instance's public attributes; a subclass with other state overrides this."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def __repr__(self):
         args = ", ".join(f"{name}={value!r}" for name, value in self._fields().items())
@@ -114,7 +116,8 @@ class RowPolicy:
         return type(self) is type(other) and self._fields() == other._fields()
 
     def __hash__(self):
-        return hash((type(self), tuple(self._fields().items())))
+        return hash((type(self), tuple((k, tuple(sorted(v.items())) if isinstance(v, dict) else v)
+                                       for k, v in self._fields().items())))
 
 
 class RandomRows(RowPolicy):

@@ -66,3 +66,66 @@ def test_num_items_in_batch_is_the_divisor_on_every_path(options, policy):
         m2 = CGGRModel(_model(), policy=policy, min_tokens_ratio=0.5, warmup_steps=0, step_options=options)
         got = m2(ids, labels=ids, num_items_in_batch=torch.tensor(1000))
         assert torch.allclose(got, mean * n_total / 1000, rtol=1e-5)
+
+
+def test_eval_mode_is_the_model_loss_over_every_row_and_draws_nothing():
+    ids, _ = _batch()
+    model = _model()
+    m = CGGRModel(model, policy=RandomRows(), min_tokens_ratio=0.5, warmup_steps=0)
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(ids, labels=ids), model(input_ids=ids, labels=ids).loss)
+    assert m._calls_in_step == 0 and m.selected_rows is None
+
+
+def test_forward_with_rows_checks_them_and_keeps_the_ratio_select_rows_used():
+    from cggr import RatioSchedule
+    from cggr.policies import RowSelection
+
+    ids, _ = _batch()
+    m = CGGRModel(_model(), policy=HardestRows(router=RouterSettings(layers=1)),
+                  schedule=RatioSchedule(0.25, 0, dynamic_threshold=True))
+    selection = m.select_rows(ids, ids)
+    used = m._ratio
+    m(ids, labels=ids, rows=selection)
+    assert m.get_metrics()["row_ratio"] == used and "avg_confidence" in m.get_metrics()
+    for bad in (RowSelection(torch.tensor([0, 9]).int(), None), RowSelection(torch.arange(B + 1), None),
+                RowSelection(torch.tensor([1, 2]), torch.ones(3))):
+        with pytest.raises(ValueError, match=r"rows: RowSelection\."):
+            m(ids, labels=ids, rows=bad)
+
+
+def test_fused_num_items_with_rows_dropped():
+    """With rows dropped, the fused loss is sum(nll over the trained targets) / num_items_in_batch."""
+    ids, _ = _batch()
+    a = CGGRModel(_model(), policy=RandomRows(), min_tokens_ratio=0.5, warmup_steps=0, seed=2,
+                  step_options=StepOptions(loss_impl="fused"))
+    b = CGGRModel(_model(), policy=RandomRows(), min_tokens_ratio=0.5, warmup_steps=0, seed=2,
+                  step_options=StepOptions(loss_impl="fused"))
+    mean = a(ids, labels=ids)
+    n = a.get_metrics()["tokens_selected"]
+    got = b(ids, labels=ids, num_items_in_batch=torch.tensor(100))
+    assert torch.equal(a.selected_rows, b.selected_rows)
+    assert torch.allclose(got, mean * n / 100, rtol=1e-5)
+
+
+def test_fused_loss_refuses_an_moe_load_balancing_loss():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                           num_experts_per_tok=1, output_router_logits=True)
+    with pytest.raises(ValueError, match="output_router_logits=True"):
+        CGGRModel(MixtralForCausalLM(config), step_options=StepOptions(loss_impl="fused"))
+
+
+def test_legacy_calls_that_0_6_cannot_reproduce_are_refused():
+    from cggr import RatioSchedule
+
+    with pytest.raises(ValueError, match="not both"):
+        CGGRModel(_model(), schedule=RatioSchedule(0.5, 0), min_tokens_ratio=0.1, selection="hardest",
+                  router_layers=1)
+    with pytest.raises(ValueError, match="takes no token scoring"):
+        CGGRModel(_model(), selection="random", scoring="entropy", loss_impl="fused", token_ratio=0.5)
+    with pytest.raises(ValueError, match="takes no token scoring"):
+        CGGRModel(_model(), selection="random", scoring="excess_loss")
