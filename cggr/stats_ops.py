@@ -11,8 +11,8 @@ bounded); both have fake (meta) kernels for torch.compile / export.
 Registered with the low-level ``torch.library.Library`` API (``define``, one ``impl`` per dispatch key,
 ``register_fake``), like ``cggr.linear_ops``, rather than ``custom_op``: the selective steps are bound by
 host launch overhead on slower hosts, and ``custom_op``'s Python layer around every call (its autograd
-kernel and redispatch) adds host time that the plain per-key kernels do not have (see BENCHMARKS.md,
-CPU dispatch overhead). Nor ``triton_op``: it uses its Python body as the fake kernel and as the
+kernel and redispatch) adds host time that the plain per-key kernels do not have (not yet measured by a
+script of this repository). Nor ``triton_op``: it uses its Python body as the fake kernel and as the
 decomposition that torch.compile traces, for every device, so the row-chunked CPU path would be traced
 (and specialised on N) too. These kernels are single memory-bound passes with nothing for Inductor to
 fuse into, so an opaque op costs nothing. Like ``custom_op``, the ops are tagged pt2_compliant.

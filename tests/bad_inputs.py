@@ -93,9 +93,15 @@ def error_of(case):
     raise AssertionError(f"{case[0]}: no {kind.__name__} raised")
 
 
-if __name__ == "__main__":
-    print("| bad input | what you get |\n|---|---|")
+def table() -> str:
+    """The README's markdown table: one row per case, the error as the code raises it now."""
+    rows = ["| bad input | what you get |", "|---|---|"]
     for case in cases():
         error = error_of(case)
         text = str(error).replace("|", "\\|").replace("\n", " ")
-        print(f"| {case[0]} | `{type(error).__name__}`: {text} |")
+        rows.append(f"| {case[0]} | `{type(error).__name__}`: {text} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

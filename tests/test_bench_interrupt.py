@@ -34,16 +34,19 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     duration = time.monotonic() - start
     rng = random.Random(int(os.environ.get("CGGR_KILL_SEED", "0")))
     out = tmp_path / "killed"
+    landed = 0
     for _ in range(3):  # three kills at random points of a run's duration, each from a fresh start
         process = subprocess.Popen(_bench(out, tmp_path / "cache"), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        time.sleep(rng.uniform(0.3, 0.9) * duration)
+        landed += process.poll() is None  # still running: the kill interrupts it
         process.send_signal(signal.SIGKILL)
         process.wait()
         runs_dir = out / "runs"
         for name in os.listdir(runs_dir) if runs_dir.exists() else []:
             if name.endswith(".json"):  # every finished run file is whole
                 report.read_run_file(str(runs_dir / name))
+    assert landed >= 1, "no kill landed while the bench was running"
     subprocess.run(_bench(out, tmp_path / "cache"), check=True, env=env, capture_output=True)
     assert _losses(out) == _losses(tmp_path / "whole")
     summary = json.load(open(out / "results.json"))
