@@ -30,6 +30,7 @@ Nothing here reads a tensor on the host: every branch is on the config, module s
 import importlib
 import inspect
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -454,7 +455,16 @@ def _generic_family(model, caller, name, model_type):
         masks = "layer_types"
     else:
         masks = "sliding_window" if "create_sliding_window_causal_mask" in source else "full"
+    if (model_type, masks) not in _WARNED_GENERIC:
+        _WARNED_GENERIC.add((model_type, masks))
+        warnings.warn(f"{caller}: {name} (model type {model_type!r}) is not among the verified families "
+                      f"(cggr.router.ROUTER_ARCHITECTURES); it runs through the generic adapter with the "
+                      f"'{masks}' attention-mask rule read from its forward. Check a k-block router's logits "
+                      "against the same weights built with k blocks before trusting its scores", stacklevel=3)
     return Family(model_type or "generic", masks)
+
+
+_WARNED_GENERIC = set()  # (model type, mask rule) pairs already warned about, once per process
 
 
 def family_of(model, caller):

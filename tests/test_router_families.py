@@ -354,3 +354,18 @@ def test_peft_lora_model_runs_the_adapted_layers():
             plain = router.logits(ids, attention_mask=mask)
     assert not torch.allclose(plain[valid], got[valid], atol=1e-4)
     assert any("lora_A" in n for m in router.shared_modules() for n, _ in m.named_parameters())
+
+
+@pytest.mark.parametrize("variant", GENERIC)
+def test_an_unverified_family_is_said_once(variant):
+    from cggr import router_adapters
+
+    router_adapters._WARNED_GENERIC.clear()
+    model = make_model(variant)
+    with pytest.warns(UserWarning, match=r"is not among the verified families"):
+        create_truncated_router(model, 1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_truncated_router(model, 1)  # once per process and mask rule
