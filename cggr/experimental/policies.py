@@ -12,7 +12,7 @@ class HalfHardestRows(HardestRows):
 
     ``scoring`` as in ``HardestRows``, ``'excess_loss'`` included (then the call passes ``reference_nll``;
     the default router is then ``ExcessLossRows``'s: 1 block, every 8th position, unless ``router`` says
-    otherwise). Measured as ``cggr_stratified`` / ``excess_stratified`` in ``cggr bench``.
+    otherwise). Measured as ``cggr_half_hardest`` / ``excess_half_hardest`` in ``cggr bench`` (earlier ``cggr_stratified`` / ``excess_stratified``).
     """
 
     accepts_excess_loss = True
