@@ -82,3 +82,7 @@ def test_user_errors_are_one_line_naming_the_flag_and_write_nothing(tmp_path, ca
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_flag_has_help():
+    assert [a.dest for a in _parser()._actions if not a.help] == []

@@ -63,12 +63,13 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--cache-dir", default=DEFAULTS.cache_dir,
                    help="tokenized corpora, finetune stage-1 checkpoints and reference-model NLL")
     g.add_argument("--doc-chars", type=int, default=2000, help="minimum characters per document")
-    g.add_argument("--val-frac", type=float, default=0.05)
-    g.add_argument("--test-frac", type=float, default=0.05)
+    g.add_argument("--val-frac", type=float, default=0.05, help="fraction of each source's documents for validation")
+    g.add_argument("--test-frac", type=float, default=0.05, help="fraction of each source's documents for the test")
     g.add_argument("--prepare-only", action="store_true", help="tokenize, print the token file path, exit")
     g.add_argument("--finetune-source", default=DEFAULTS.finetune_source,
                    help="finetune: the source held out of stage 1 and trained on after it")
-    g.add_argument("--target-source", default=DEFAULTS.target_source)
+    g.add_argument("--target-source", default=DEFAULTS.target_source,
+                   help="target: the goal domain (its validation loss is the headline)")
     g.add_argument("--reference-frac", type=float, default=DEFAULTS.reference_frac,
                    help="fraction of the target's training documents held out for the reference model")
 
@@ -82,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--reference-holdout-frac", type=float, default=DEFAULTS.reference_holdout_frac,
                    help="fraction of the reference's clean documents it never trains on; its NLL on them sets "
                         "the domain threshold of reference_filter")
-    g.add_argument("--reference-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.reference_preset)
+    g.add_argument("--reference-preset", choices=sorted(PRESET_NAMES), default=DEFAULTS.reference_preset,
+                   help="target: the size of the reference model trained on the clean target slice")
     g.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="tokens per training row (targets)")
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                    help="rows per batch, before selection (every configuration sees the same batches)")
