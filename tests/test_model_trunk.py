@@ -52,6 +52,12 @@ def test_trunk_applies_the_same_dropout_in_training(family):
     """Same RNG state, same dropout masks: the trunk draws them in the order of the model's forward."""
     model = tiny_model(family, layers=2, **DROPOUT[family]).train()
     ids, _, _ = padded_batch()
+    assert_trunk_draws_the_model_dropout(model, ids)
+
+
+def assert_trunk_draws_the_model_dropout(model, ids):
+    """Under one RNG state the trunk's logits equal the model's (same dropout masks); under another they
+    differ (dropout is really on)."""
     trunk = ModelTrunk(model)
     torch.manual_seed(7)
     expected = model(ids).logits
@@ -59,7 +65,7 @@ def test_trunk_applies_the_same_dropout_in_training(family):
     got = trunk.head()(trunk(ids))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.manual_seed(8)
-    assert not torch.allclose(trunk.head()(trunk(ids)), expected, atol=1e-3)  # dropout is really on
+    assert not torch.allclose(trunk.head()(trunk(ids)), expected, atol=1e-3)
 
 
 def test_trunk_takes_position_ids_and_token_type_ids_like_the_model():

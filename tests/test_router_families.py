@@ -16,6 +16,7 @@ from torch import nn
 from cggr.router import (ROUTER_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter,
                          create_truncated_router)
 from cggr.router_adapters import FAMILIES
+from test_model_trunk import assert_trunk_draws_the_model_dropout  # (tests/ is on sys.path)
 
 V, L, T = 101, 3, 12
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -225,14 +226,7 @@ def test_model_trunk_draws_the_same_dropout_in_training(variant):
     drop = {key: 0.3 for key in DROPOUT_KEYS if isinstance(getattr(config, key, None), float)}
     model = make_model(variant, **drop).train()
     ids, _ = batch()
-    trunk = ModelTrunk(model)
-    torch.manual_seed(7)
-    want = model(ids).logits
-    torch.manual_seed(7)
-    got = trunk.head()(trunk(ids))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    torch.manual_seed(8)
-    assert not torch.allclose(trunk.head()(trunk(ids)), want, atol=1e-3)  # dropout is really on
+    assert_trunk_draws_the_model_dropout(model, ids)
 
 
 @pytest.mark.parametrize("variant, extra, match", [
