@@ -1,6 +1,6 @@
 """One way to register the Python-side ops of ``torch.ops.cggr`` (the C++ ones are in csrc/registration.cpp):
 a schema, a CPU kernel, a CUDA kernel and a fake kernel per op, at the low level of ``torch.library``
-(``custom_op`` costs tens of microseconds of host time per call, which host-bound steps pay)."""
+(``custom_op`` adds a Python layer around every call, host time that host-bound steps pay)."""
 import torch
 
 

@@ -11,7 +11,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..rows import IGNORE_INDEX
+from ..rows import IGNORE_INDEX, scored_targets
 
 REFERENCE_KEY = "_cggr_reference_nll"   # collated precomputed reference NLL, [B, T-1] float32
 SELECTED_KEY = "_cggr_selected"         # marks a batch whose rows CGGR already chose (get_batch_samples)
@@ -32,7 +32,7 @@ def take_rows(batch: dict, indices: torch.Tensor, batch_size: int) -> dict:
 
 def scored_target_counts(labels: torch.Tensor) -> torch.Tensor:
     """[B] int64: the shifted targets of each row that carry loss (HF's causal-LM count)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    return scored_targets(labels, None).sum(1)
 
 
 def packed_starts(batch: dict) -> Optional[List[int]]:

@@ -46,7 +46,7 @@ class _Window:
         self.rows_total = self.rows_kept = 0
         self.tokens_total = self.tokens_kept = None
         self.score_sum = self.score_count = None
-        self.router_s = self.step_s = 0.0
+        self.router_spans, self.step_spans = [], []  # (start, end) marks: read when logged
         self.steps = 0
 
     def add_tokens(self, total, kept):
@@ -68,14 +68,27 @@ class _Window:
             out["cggr/kept_ratio"] = int(self.tokens_kept) / total if total else 0.0
         if self.score_count is not None and int(self.score_count) > 0:
             out["cggr/selected_score"] = float(self.score_sum) / int(self.score_count)
-        if self.step_s > 0:
-            out["cggr/router_time_share"] = self.router_s / self.step_s
+        step_s = sum(_seconds(a, b) for a, b in self.step_spans)
+        if step_s > 0:
+            out["cggr/router_time_share"] = sum(_seconds(a, b) for a, b in self.router_spans) / step_s
         return out
 
 
-def _synchronize(device):
+def _mark(device):
+    """A point in time of the step: a recorded CUDA event on a GPU (no synchronisation on the training
+    path; read when the metrics are logged), the host clock elsewhere."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _seconds(start, end) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 class CGGRTrainerMixin:
@@ -171,7 +184,7 @@ class CGGRTrainerMixin:
     # -- row selection -------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The window's micro-batches cut to their selected rows, and the count of trained targets."""
-        step_start = time.perf_counter()
+        step_start = _mark(self.args.device)
         batches = []
         for _ in range(num_batches):
             try:
@@ -179,11 +192,10 @@ class CGGRTrainerMixin:
             except StopIteration:
                 break
         self._cggr_sync_model()
-        t0 = time.perf_counter()
+        t0 = _mark(self.args.device)
         with torch.no_grad(), self.accelerator.autocast():
             batches = [self._cggr_select(self._prepare_inputs(b)) for b in batches]
-        _synchronize(self.args.device)
-        self.cggr_window.router_s += time.perf_counter() - t0
+        self.cggr_window.router_spans.append((t0, _mark(self.args.device)))
         self._cggr_step_start = step_start
         self.cggr_model.step()  # the whole window was chosen at this curriculum step
         return batches, self._cggr_num_items(batches, device)
@@ -283,8 +295,7 @@ class CGGRTrainerMixin:
         start = getattr(self, "_cggr_step_start", None)
         if start is None:
             return
-        _synchronize(self.args.device)
-        self.cggr_window.step_s += time.perf_counter() - start
+        self.cggr_window.step_spans.append((start, _mark(self.args.device)))
         self.cggr_window.steps += 1
         self._cggr_step_start = None
 
@@ -305,8 +316,8 @@ class CGGRCallback(TrainerCallback):
 
     - ``cggr/kept_ratio``: trained targets / targets (the tokens that carried loss);
     - ``cggr/kept_rows``: trained rows / rows (sequences, for packed batches);
-    - ``cggr/router_time_share``: time choosing rows (reference, router, policy) / step time (host clock,
-      the device synchronised at both ends);
+    - ``cggr/router_time_share``: time choosing rows (reference, router, policy) / step time (CUDA events
+      read at logging, the host clock on a CPU; no synchronisation per step);
     - ``cggr/selected_score``: the selected rows' mean policy value (router score, excess loss, or mean
       reference NLL; absent for ``RandomRows``, which scores nothing);
     - ``cggr/curriculum_ratio`` and ``cggr/step``: the curriculum's ratio and step now.
