@@ -53,6 +53,7 @@ _EXPORTS = {
     "ReferenceRanked": "policies",
     "RouterSettings": "policies",
     "StepOptions": "options",
+    "DataParallel": "distributed",
     "RatioSchedule": "schedule",
     "create_truncated_router": "router",
     "ModelTrunk": "router",

@@ -483,6 +483,11 @@ def fused_linear_selective_ce(hidden: torch.Tensor, weight: torch.Tensor, target
                   host sync at all; a selection larger than max_selected then makes every gradient NaN
                   (it cannot raise without a sync); with validate_targets=True it raises a ValueError.
 
+    Data parallel (DDP, FSDP2): call with ``reduction='sum'`` and divide by the group's selected count,
+    ``cggr.distributed.global_token_mean(loss, (mask & (targets != ignore_index)).sum(), cggr.DataParallel())``
+    (``CGGRLoss(data_parallel=...).forward_linear`` does this). Under FSDP2 ``weight`` must be the gathered LM
+    head: call this inside the forward of the FSDP module that owns it (its pre-forward hook gathers it).
+
     Autocast: under an active ``torch.autocast`` the logits are computed in its dtype (hidden, weight
     and bias are cast first, differentiably), as ``F.linear`` would be; gradients reach fp32 master
     weights in fp32.

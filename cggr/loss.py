@@ -5,6 +5,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from . import distributed as dp_ops
 from . import ops
 from .schedule import RatioSchedule, batch_confidence, check_ratio
 from .scoring import check_combined_weights, check_strategy, score
@@ -71,6 +72,14 @@ class CGGRLoss(nn.Module):
     (BENCHMARKS.md, "Defaults").
     Call ``step()`` once per optimizer step; ``get_metrics()`` reads the last call's numbers
     (it synchronises; ``forward`` does not, except target validation when ``validate_targets``).
+
+    ``data_parallel``: None (default: this process's tokens only, like ``nn.CrossEntropyLoss``), ``'auto'``
+    (``cggr.DataParallel()`` when torch.distributed runs more than one process) or a ``cggr.DataParallel``
+    (per-rank selection only: tokens are chosen on each rank). Then ``reduction='mean'`` returns
+    ``sum of the selected NLL * W / N``, ``N`` the selected tokens all-reduced over the group, so that
+    DDP's / FSDP2's gradient mean is the gradient of the mean over every rank's selected tokens; the dynamic
+    threshold uses the group's mean confidence (one ratio for every rank); the first call compares the
+    configuration across ranks (``cggr.distributed``).
     """
 
     def __init__(self, scoring: str = "loss", selection: str = "topk", num_strata: int = 4,
@@ -78,7 +87,7 @@ class CGGRLoss(nn.Module):
                  threshold_sensitivity: float = 0.5, min_tokens_ratio: float = 0.25, warmup_steps: int = 1000,
                  ignore_index: int = -100, reduction: str = "mean", schedule: str = "linear",
                  combined_weights: Optional[Mapping[str, float]] = None, shift_labels: bool = False,
-                 seed: int = 0, validate_targets: bool = True):
+                 seed: int = 0, validate_targets: bool = True, data_parallel=None):
         super().__init__()
         self.scoring = check_strategy(scoring)
         if selection not in SELECTIONS:
@@ -104,6 +113,26 @@ class CGGRLoss(nn.Module):
         self.step_count = 0
         self._calls = 0
         self._last = None
+        if not (data_parallel is None or data_parallel == dp_ops.DATA_PARALLEL_AUTO):
+            data_parallel = dp_ops.resolve_data_parallel(data_parallel, "CGGRLoss")
+            if data_parallel.selection != "per_rank":
+                raise ValueError("CGGRLoss(data_parallel=DataParallel(selection='global')): CGGRLoss selects tokens "
+                                 "on each rank; global selection chooses rows (CGGRModel). Use selection='per_rank'")
+        self._data_parallel_arg = data_parallel
+        self._dp_resolved = False
+        self._dp = None
+
+    def _data_parallel(self):
+        """The resolved setting (None: no collectives); the first call compares the ranks' configuration."""
+        if not self._dp_resolved:
+            self._dp = dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRLoss")
+            if self._dp is not None and self._dp.check_config:
+                dp_ops.check_same_config({"scoring": self.scoring, "selection": self.selection,
+                                          "schedule": self.schedule, "step": self.step_count, "seed": self.seed,
+                                          "reduction": self.reduction, "ignore_index": self.ignore_index},
+                                         self._dp, "CGGRLoss")
+            self._dp_resolved = True
+        return self._dp
 
     # -- curriculum state -------------------------------------------------------------------
     def step(self):
@@ -131,6 +160,9 @@ class CGGRLoss(nn.Module):
         """Scores, ratio and mask for one batch: the shared path of the logits and linear entry points."""
         scores = score(stats, self.scoring, valid, self.combined_weights, reference_nll)
         confidence = batch_confidence(stats.p1, valid)
+        dp = self._data_parallel()
+        if dp is not None and self.schedule.dynamic_threshold:
+            confidence = dp_ops.mean_over_ranks(confidence, dp)  # one ratio for every rank
         ratio = self.schedule.ratio(self.step_count, confidence)
         if isinstance(ratio, torch.Tensor):
             ratio = ratio.to(scores.device)
@@ -189,9 +221,13 @@ class CGGRLoss(nn.Module):
         stats = type(stats)(*(s.view(token_shape) for s in stats))
         valid = targets != self.ignore_index
         mask = self.select(stats, valid, reference_nll)
+        dp = self._data_parallel()
+        group_mean = dp is not None and self.reduction == "mean"
         loss = SelectiveCrossEntropy.apply(flat_logits, flat_targets, stats.lse.reshape(-1),
                                            stats.nll.reshape(-1), mask.reshape(-1), self.ignore_index,
-                                           self.reduction)
+                                           "sum" if group_mean else self.reduction)
+        if group_mean:
+            return dp_ops.global_token_mean(loss, (mask & valid).sum(), dp)
         return loss.view(token_shape) if self.reduction == "none" else loss
 
     def forward_linear(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -209,11 +245,17 @@ class CGGRLoss(nn.Module):
         def select_fn(stats, valid):
             return self.select(stats, valid, reference_nll)
 
-        loss, _, _ = fused_linear_selective_ce(hidden, weight, targets, select_fn, bias=bias,
-                                               ignore_index=self.ignore_index, reduction=self.reduction,
-                                               chunk_size=chunk_size, softcap=softcap,
-                                               validate_targets=self.validate_targets,
-                                               max_selected=self._selection_bound(targets.shape))
+        dp = self._data_parallel()
+        group_mean = dp is not None and self.reduction == "mean"
+        loss, _, mask = fused_linear_selective_ce(hidden, weight, targets, select_fn, bias=bias,
+                                                  ignore_index=self.ignore_index,
+                                                  reduction="sum" if group_mean else self.reduction,
+                                                  chunk_size=chunk_size, softcap=softcap,
+                                                  validate_targets=self.validate_targets,
+                                                  max_selected=self._selection_bound(targets.shape))
+        if group_mean:
+            selected = (mask.reshape(targets.shape) & (targets != self.ignore_index)).sum()
+            return dp_ops.global_token_mean(loss, selected, dp)
         return loss
 
     def _selection_bound(self, token_shape) -> int:

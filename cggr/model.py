@@ -33,6 +33,7 @@ Contracts
   (transformers 5.x) synchronises once per call (mask creation or the packed-sequence check);
   ``StepOptions(forward_impl='trunk')`` avoids it for ``attention_mask=None``.
 """
+import contextlib
 import dataclasses
 import math
 from typing import Optional, Union
@@ -41,6 +42,8 @@ import torch
 from torch import nn
 
 from . import _legacy, ops
+from . import distributed as dp_ops
+from .distributed import DATA_PARALLEL_AUTO, DataParallel
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
 from .options import StepOptions
 from .policies import POLICY_AUTO, RowPolicy, RowSelection, resolve_policy
@@ -129,6 +132,13 @@ class CGGRModel(StepStateDict, nn.Module):
             ``cggr.RatioSchedule`` (then leave ``min_tokens_ratio`` / ``warmup_steps`` at their defaults).
         step_options: ``cggr.StepOptions`` (compilation, fused loss, trunk forward, timing).
         seed: seeds the generator of the random policies.
+        data_parallel: ``'auto'`` (default: ``cggr.DataParallel()``, per-rank selection, when
+            torch.distributed is initialised with more than one process at the first training step; else
+            none), None (each process on its own, no collectives) or a ``cggr.DataParallel`` (per-rank or
+            global selection, the group). Contracts in ``cggr.distributed``: every rank trains the same
+            number of rows, and the loss is ``sum of the trained targets' NLL * W / N`` with ``N`` all-reduced
+            (without ``num_items_in_batch``), so that DDP's / FSDP2's gradient mean equals single-process
+            training on the concatenated batch.
 
     The keyword arguments of the 0.5 API (``scoring``, ``selection``, ``router_layers``, ...) still work
     for one release with a ``FutureWarning`` naming the new spelling.
@@ -137,7 +147,8 @@ class CGGRModel(StepStateDict, nn.Module):
     def __init__(self, model: nn.Module, policy: Union[str, RowPolicy] = POLICY_AUTO,
                  router: Optional[TruncatedRouter] = None, min_tokens_ratio: float = 0.25,
                  warmup_steps: int = 1000, schedule: Union[str, RatioSchedule] = "linear",
-                 step_options: Optional[StepOptions] = None, seed: int = 0, **deprecated):
+                 step_options: Optional[StepOptions] = None, seed: int = 0,
+                 data_parallel: Union[str, DataParallel, None] = DATA_PARALLEL_AUTO, **deprecated):
         super().__init__()
         check_causal_lm(model)
         defaults_given = min_tokens_ratio == 0.25 and warmup_steps == 1000
@@ -180,6 +191,10 @@ class CGGRModel(StepStateDict, nn.Module):
                              "or RatioSchedule(dynamic_threshold=False)")
         self.model = model
         self.seed = int(seed)
+        if not (data_parallel is None or data_parallel == DATA_PARALLEL_AUTO):
+            data_parallel = dp_ops.resolve_data_parallel(data_parallel, "CGGRModel")  # checks it now
+        self._data_parallel_arg = data_parallel
+        self._dp_state = None  # (DataParallel or None, DeferredRowCheck) once resolved at the first step
         self.loss_impl, self.forward_impl = options.loss_impl, options.forward_impl
         self.token_ratio, self.loss_chunk_size = float(options.token_ratio), options.loss_chunk_size
         if router is not None:
@@ -227,6 +242,7 @@ class CGGRModel(StepStateDict, nn.Module):
         self.last_row_values = None  # [B] values the policy chose on in the last select_rows (or None)
         self._ratio, self._confidence = None, None
         self._timer = StepTimer() if options.collect_timing else None
+        self._in_forward = False
 
     def _default_router(self, model):
         layers = self._router_settings.layers
@@ -290,6 +306,7 @@ class CGGRModel(StepStateDict, nn.Module):
                                           or tuple(reference_nll.shape) != (B, T - 1)):
             raise ValueError(f"reference_nll: expected a tensor of shape {(B, T - 1)} (one value per shifted "
                              f"target), got {tuple(reference_nll.shape) if isinstance(reference_nll, torch.Tensor) else type(reference_nll).__name__}")
+        dp = self._data_parallel(B, input_ids.device)
         self._router_row_nll = None
         self.last_row_values = None
         self._confidence = None
@@ -299,8 +316,12 @@ class CGGRModel(StepStateDict, nn.Module):
             return None
         row_scores = None
         if self.policy.uses_router:
-            row_scores, self._confidence = self._score_rows(input_ids, labels, attention_mask, kwargs, reference_nll)
+            with self._router_params_gathered():
+                row_scores, self._confidence = self._score_rows(input_ids, labels, attention_mask, kwargs,
+                                                                reference_nll)
         if self.schedule.dynamic_threshold:
+            if dp is not None:  # one ratio for every rank: the group's mean confidence
+                self._confidence = dp_ops.mean_over_ranks(self._confidence, dp)
             # Opt-in host decision (module docstring): one synchronisation per step.
             self._ratio = ratio = float(self.schedule.ratio(self._step, self._confidence).item())
             k = rows_for_ratio(ratio, B)
@@ -311,9 +332,88 @@ class CGGRModel(StepStateDict, nn.Module):
         if k >= B:
             return None
         values = self.last_row_values if self.last_row_values is not None else B
-        selection = self.policy.select(values, k, self._generator(input_ids.device))
+        if dp is not None and dp.selection == "global":
+            return self._select_global(values, k, B, T, dp, input_ids.device)
+        rank = dp.rank if dp is not None else 0  # per-rank draws differ between ranks
+        selection = self.policy.select(values, k, self._generator(input_ids.device, rank))
         _check_selection(selection, B, input_ids.device)
         return selection
+
+    # -- data parallelism (cggr.distributed) ---------------------------------------------------------
+    def _data_parallel(self, batch_rows: int, device) -> Optional[DataParallel]:
+        """The resolved ``data_parallel`` setting; at the first training step every rank's configuration
+        is compared; every step reads back the previous step's row counts (per-rank selection)."""
+        if self._dp_state is None:
+            setting = dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRModel")
+            if setting is not None and setting.check_config:
+                dp_ops.check_same_config(self._data_parallel_config(setting, batch_rows), setting, "CGGRModel")
+            self._dp_state = (setting, dp_ops.DeferredRowCheck("CGGRModel"))
+        setting, rows_check = self._dp_state
+        rows_check.flush()
+        return setting
+
+    def _data_parallel_config(self, setting, batch_rows):
+        return {"policy": self.policy, "schedule": self.schedule, "cggr_step": self._step, "seed": self.seed,
+                "data_parallel.selection": setting.selection, "world size": setting.world_size,
+                "batch rows": batch_rows, "step_options": self.step_options}
+
+    def _router_params_gathered(self):
+        """FSDP2: the router uses the root's parameters (embedding, final norm, LM head) outside the model's
+        forward: gathered for the pass unless this wrapper's own forward (the FSDP root) already did."""
+        if dp_ops.is_fsdp_module(self):  # this wrapper is the root: its forward has gathered them
+            return contextlib.nullcontext() if self._in_forward else dp_ops.unsharded(self)
+        if dp_ops.is_fsdp_module(self.model):
+            return dp_ops.unsharded(self.model)
+        return contextlib.nullcontext()
+
+    def _select_global(self, values, k, B, T, dp, device) -> RowSelection:
+        """DataParallel(selection='global'): the policy over the concatenated batch (rank-major), ``W * k``
+        rows; this rank's share of them (``cggr.distributed.assign_rows``) as positions in that batch."""
+        W = dp.world_size
+        dp_ops.gather_sizes(B, T, device, dp, "CGGRModel")
+        if isinstance(values, torch.Tensor):
+            values = dp_ops.all_gather_rows(values, dp)
+            self.last_row_values = values
+        else:
+            values = W * B
+        # the same generator stream on every rank: every rank draws the same global choice
+        selection = self.policy.select(values, W * k, self._generator(device))
+        _check_selection(selection, W * B, device)
+        chosen = selection.indices.tolist()
+        share = dp_ops.assign_rows(chosen, W, B, dp.rank)
+        weight = None
+        if selection.row_weight is not None:
+            by_position = dict(zip(chosen, selection.row_weight.tolist()))
+            weight = torch.tensor([by_position[p] for p in share], dtype=torch.float32, device=device)
+        return RowSelection(torch.tensor(share, dtype=torch.int64, device=device), weight)
+
+    @staticmethod
+    def _take_global(selection, dp, batch_rows, tensors):
+        """The rows of ``selection`` (positions in the rank-major concatenation of every rank's batch) from
+        each per-row tensor of ``tensors`` (None and non-row values pass through): one all-gather each."""
+        idx = selection.indices
+
+        def take(t):
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch_rows:
+                return t
+            return dp_ops.all_gather_rows(t, dp).index_select(0, idx.to(t.device))
+
+        return {name: take(t) for name, t in tensors.items()}
+
+    def _check_fsdp_root(self):
+        if dp_ops.is_fsdp_module(self.model) and not dp_ops.is_fsdp_module(self):
+            raise ValueError("StepOptions(loss_impl='fused' / forward_impl='trunk') run the model's modules and LM "
+                             "head outside its forward, where FSDP2 gathers the root's parameters: apply "
+                             "fully_shard to the CGGRModel (after its blocks), not to the wrapped model, or use "
+                             "loss_impl='model', forward_impl='model'")
+
+    def _data_parallel_total(self, count, batch_rows, dp):
+        """``count`` summed over the group (device tensor, no synchronisation)."""
+        if dp.selection == "global":  # the rows were compared on the host before the exchange
+            return dp_ops.sum_over_ranks(count, dp)
+        gathered = dp_ops.gather_counts(count, batch_rows, dp)
+        self._dp_state[1].push(gathered[:, 1])
+        return gathered[:, 0].sum()
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, rows: Union[RowSelection, str, None] = "policy",
@@ -327,6 +427,13 @@ class CGGRModel(StepStateDict, nn.Module):
         """
         if labels is None:
             return self.model(input_ids, attention_mask=attention_mask, **kwargs)
+        self._in_forward = True
+        try:
+            return self._training_forward(input_ids, labels, attention_mask, rows, kwargs)
+        finally:
+            self._in_forward = False
+
+    def _training_forward(self, input_ids, labels, attention_mask, rows, kwargs):
         reference_nll = kwargs.pop("reference_nll", None)
         if not self.training:
             # evaluation: the model's own loss over every row; no selection, no draw from the generator
@@ -343,6 +450,20 @@ class CGGRModel(StepStateDict, nn.Module):
             selection = rows
             if self._ratio is None:  # no select_rows before: the curriculum's ratio (else the one it used)
                 self._ratio = self.current_ratio
+        batch_rows = input_ids.shape[0]
+        dp = self._data_parallel(batch_rows, input_ids.device)
+        if self.loss_impl == "fused" or self.forward_impl == "trunk":
+            self._check_fsdp_root()
+        batch_targets = (labels[:, 1:] != IGNORE_INDEX).sum()  # this rank's whole batch
+        if dp is not None and dp.selection == "global" and selection is not None:
+            # the rows this rank trains come from every rank's batch (select_rows chose them)
+            taken = self._take_global(selection, dp, batch_rows, dict(
+                kwargs, input_ids=input_ids, labels=labels, attention_mask=attention_mask,
+                reference_nll=reference_nll))
+            input_ids, labels, attention_mask, reference_nll = (
+                taken.pop(name) for name in ("input_ids", "labels", "attention_mask", "reference_nll"))
+            kwargs = taken
+            selection = RowSelection(torch.arange(input_ids.shape[0], device=input_ids.device), selection.row_weight)
         B = input_ids.shape[0]
         if selection is not None:
             _check_selection(selection, B, input_ids.device)
@@ -372,6 +493,18 @@ class CGGRModel(StepStateDict, nn.Module):
         # n_total for loss_norm='batch' (device tensor, no sync): counted like the plain model's loss.
         n_norm = per_row.sum() if row_weight is not None and self.policy.loss_norm == "batch" else None
         rows_selected_tokens = None
+        # Data parallel without the caller's normaliser: the trained targets all-reduced over the group
+        # (the fused loss's count is known after it), and the loss times W (cggr.distributed)
+        dp_norm = dp is not None and "num_items_in_batch" not in rows_kwargs
+        dp_count = None
+        if dp_norm:
+            if row_weight is not None and self.policy.loss_norm == "batch":
+                dp_count = batch_targets
+            elif self.loss_impl != "fused":
+                dp_count = (rows_labels[:, 1:] != IGNORE_INDEX).sum()
+            if dp_count is not None:
+                total = self._data_parallel_total(dp_count, batch_rows, dp)
+                rows_kwargs = dict(rows_kwargs, num_items_in_batch=total.clamp_min(1))
         # Hugging Face's gradient-accumulation normaliser: the model's own loss takes it; the fused and the
         # weighted losses here divide by it instead of their own count
         num_items = rows_kwargs.get("num_items_in_batch") if (self.loss_impl == "fused" or row_weight is not None) else None
@@ -386,6 +519,8 @@ class CGGRModel(StepStateDict, nn.Module):
                     0, selection.indices.to(reference_nll.device))
             loss, rows_selected_tokens = self._fused_loss(rows_ids, rows_labels, rows_mask, rows_kwargs,
                                                           row_weight, rows_ref)
+            if n_norm is None and dp_norm:
+                n_norm = self._data_parallel_total(rows_selected_tokens, batch_rows, dp)
             if n_norm is not None:
                 # fused 'mean' divides by the selected valid tokens: rescale to the requested divisor
                 loss = loss * (rows_selected_tokens.clamp_min(1).to(loss.dtype)
@@ -395,12 +530,14 @@ class CGGRModel(StepStateDict, nn.Module):
             loss = self._weighted_loss(logits, rows_labels, row_weight, n_norm)
         else:
             loss = self._rows_model_loss(rows_ids, rows_labels, rows_mask, rows_kwargs)
+        if dp_norm:
+            loss = loss * dp.world_size  # DDP / FSDP2 average the gradients over the W ranks
 
         self._last = {
             "ratio": ratio,
             "sequences_selected": k,
-            "sequences_total": B,
-            "tokens_total": per_row.sum(),
+            "sequences_total": batch_rows,
+            "tokens_total": batch_targets,
             "tokens_selected": (rows_selected_tokens if rows_selected_tokens is not None
                                 else per_row.sum() if selection is None
                                 else per_row.index_select(0, selection.indices).sum()),
@@ -541,7 +678,7 @@ class CGGRModel(StepStateDict, nn.Module):
         n_valid = (targets != IGNORE_INDEX).sum() if n_norm is None else n_norm
         return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
 
-    def _generator(self, device):
+    def _generator(self, device, rank: int = 0):
         """The random policies' generator, re-seeded from (seed, curriculum step, call within the step): a run
         resumed from a checkpoint (``cggr_step``) draws the same rows as an uninterrupted one, and the
         micro-batches of one step (gradient accumulation) draw independently. Seeding is host-only."""
@@ -549,7 +686,8 @@ class CGGRModel(StepStateDict, nn.Module):
         gen = self._generators.get(key)
         if gen is None:
             gen = self._generators[key] = torch.Generator(device=device)
-        gen.manual_seed((self.seed * 0x9E3779B1 + self._step * 0x85EBCA77 + self._calls_in_step) % (1 << 63))
+        gen.manual_seed((self.seed * 0x9E3779B1 + self._step * 0x85EBCA77 + self._calls_in_step
+                         + rank * 0xC2B2AE3D) % (1 << 63))
         self._calls_in_step += 1
         return gen
 

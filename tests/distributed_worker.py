@@ -1,0 +1,260 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py), launched as users launch training:
+
+    python -m torch.distributed.run --nproc-per-node W tests/distributed_worker.py OUT SCENARIO [SCENARIO ...]
+
+Each scenario runs on every rank, in order, on the gloo backend (CPU); its outcome is written to
+OUT/rank{r}.json: {"ok": true, ...numbers} or {"ok": false, "error": "..."}. A scenario expected to fail
+(a mismatched configuration) records the error text; tests/test_distributed.py asserts on it. Every
+collective runs under the group's timeout (TIMEOUT_S), so a hang becomes an error, not a stuck test.
+"""
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import cggr
+from cggr import CGGRLoss, CGGRModel, DataParallel, HardestRows, RandomRows, RouterSettings
+
+TIMEOUT_S = 60
+VOCAB, T, B = 96, 12, 4
+# float32 on the CPU: DDP's all-reduced mean against one process's sum differs by rounding only
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).float()
+
+
+def batch_of(rank, rows=B, length=T, no_targets=False):
+    """Rank ``rank``'s batch: the same on every process, so that each can build the concatenated batch."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(0, VOCAB, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[:, :2] = -100  # a prompt that is not trained
+    if no_targets:
+        labels[:] = -100
+    return ids, labels
+
+
+def whole_batch(world, **kw):
+    parts = [batch_of(r, **kw) for r in range(world)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def cggr_model(model, policy, data_parallel, ratio=0.5, seed=0, **kw):
+    return CGGRModel(model, policy=policy, min_tokens_ratio=ratio, warmup_steps=0, seed=seed,
+                     data_parallel=data_parallel, **kw)
+
+
+def gather_rows(t):
+    """Every rank's [k, ...] tensor, concatenated rank-major (k equal on every rank)."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def grads_of(module):
+    out = {}
+    for name, p in module.named_parameters():
+        g = p.grad
+        if g is None:
+            continue
+        if hasattr(g, "full_tensor"):  # FSDP2: a sharded DTensor (full_tensor() is a collective)
+            g = g.full_tensor()
+        out[name] = g.detach().clone()
+    return out
+
+
+def compare_grads(got, expected):
+    """Worst relative error; raises when any parameter is outside (RTOL, ATOL)."""
+    worst = 0.0
+    assert got.keys() == expected.keys(), (sorted(got)[:3], sorted(expected)[:3])
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+        scale = expected[name].abs().max().clamp_min(1e-12)
+        worst = max(worst, float((got[name] - expected[name]).abs().max() / scale))
+    return worst
+
+
+def reference_grads(trained_ids, trained_labels):
+    """One process, no selection: the model's own mean loss over the given rows."""
+    model = tiny_llama()
+    model(input_ids=trained_ids, labels=trained_labels).loss.backward()
+    return {f"model.{n}": g for n, g in grads_of(model).items()}
+
+
+def wrap(kind, module):
+    if kind == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(module)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in module.model.model.layers:
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def unwrap(kind, module):
+    return module.module if kind == "ddp" else module
+
+
+def named(kind, module):
+    """Parameter names as in CGGRModel (DDP prefixes 'module.')."""
+    return {name.removeprefix("module."): g for name, g in grads_of(module).items()}
+
+
+# -- scenarios -------------------------------------------------------------------------------------------
+def per_rank(kind, no_targets_on_rank=None):
+    """Per-rank selection: gradients equal one process's on the concatenation of every rank's trained rows."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), "auto")
+    model = wrap(kind, inner)
+    ids, labels = batch_of(rank, no_targets=rank == no_targets_on_rank)
+    loss = model(ids, labels=labels)
+    loss.backward()
+    rows = unwrap(kind, model).selected_rows
+    k = int(rows.numel())
+    ks = [0] * world
+    dist.all_gather_object(ks, k)
+    trained_ids, trained_labels = gather_rows(ids[rows]), gather_rows(labels[rows])
+    worst = compare_grads(named(kind, model), reference_grads(trained_ids, trained_labels))
+    losses = [None] * world
+    dist.all_gather_object(losses, loss.item())
+    return {"rows_per_rank": ks, "loss_finite": all(map(lambda v: v == v, losses)), "worst_rel_err": worst}
+
+
+def global_selection(kind, policy_name):
+    """Global selection: the union of the trained rows is what one process selects over the whole batch, and
+    the gradients are that process's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    policy = RandomRows() if policy_name == "random" else HardestRows(router=RouterSettings(layers=1))
+    inner = cggr_model(tiny_llama(), policy, DataParallel(selection="global"), seed=3)
+    model = wrap(kind, inner)
+    ids, labels = batch_of(rank)
+    # select_rows outside the forward (as cggr.hf does): under FSDP2 it gathers the root's parameters itself
+    selection = unwrap(kind, model).select_rows(ids, labels)
+    model(ids, labels=labels, rows=selection).backward()
+
+    all_ids, all_labels = whole_batch(world)
+    single = cggr_model(tiny_llama(), policy, None, seed=3)
+    single_selection = single.select_rows(all_ids, all_labels)
+    shares = [None] * world
+    dist.all_gather_object(shares, selection.indices.tolist())
+    union = sorted(p for share in shares for p in share)
+    single(all_ids, labels=all_labels, rows=single_selection).backward()
+    worst = compare_grads(named(kind, model), grads_of(single))
+    return {"union": union, "expected": sorted(single_selection.indices.tolist()), "rows_per_rank": [len(s) for s in shares],
+            "worst_rel_err": worst}
+
+
+def mismatched(field):
+    rank = dist.get_rank()
+    kwargs = {"ratio": 0.5, "seed": 0}
+    if rank == 1:
+        kwargs = {"ratio": 0.25, "seed": 0} if field == "ratio" else {"ratio": 0.5, "seed": 7}
+    model = cggr_model(tiny_llama(), RandomRows(), "auto", **kwargs)
+    ids, labels = batch_of(rank)
+    model(ids, labels=labels).backward()
+    return {}
+
+
+def rows_differ_later(selection):
+    """Equal rows at step 1, rank 1 gets more at step 2: reported at step 2 (global) or 3 (per-rank)."""
+    rank = dist.get_rank()
+    model = cggr_model(tiny_llama(), RandomRows(), DataParallel(selection=selection))
+    for step in range(3):
+        ids, labels = batch_of(rank, rows=B + 2 if (rank == 1 and step >= 1) else B)
+        try:
+            model(ids, labels=labels).backward()
+        except ValueError as error:
+            return {"raised_at_step": step, "error": str(error)}
+        model.step()
+    return {"raised_at_step": None}
+
+
+def loss_module(kind_unused=None):
+    """CGGRLoss(data_parallel=...) under DDP: gradients equal one process's mean over every rank's selected
+    tokens (selection per rank, the masks gathered)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB)
+    ref_head = copy.deepcopy(head)
+    model = torch.nn.parallel.DistributedDataParallel(head)
+    gen = torch.Generator().manual_seed(50 + rank)
+    hidden = torch.randn(2, 9, 16, generator=gen)
+    targets = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    targets[0, :3] = -100
+    criterion = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, data_parallel=DataParallel())
+    loss = criterion(model(hidden), targets)
+    loss.backward()
+    mask = criterion._last["mask"] & (targets != -100)
+    all_hidden, all_targets, all_mask = gather_rows(hidden), gather_rows(targets), gather_rows(mask)
+    nll = torch.nn.functional.cross_entropy(ref_head(all_hidden).reshape(-1, VOCAB), all_targets.reshape(-1).clamp_min(0),
+                                            reduction="none")
+    (nll[all_mask.reshape(-1)].sum() / all_mask.sum()).backward()
+    expected = {"weight": ref_head.weight.grad, "bias": ref_head.bias.grad}
+    got = {n.removeprefix("module."): p.grad for n, p in model.named_parameters()}
+    return {"worst_rel_err": compare_grads(got, expected)}
+
+
+def fused_dp(kind):
+    """loss_impl='fused' with per-rank selection (FSDP2: the LM head gathered by the root's forward)."""
+    rank = dist.get_rank()
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), "auto",
+                       step_options=cggr.StepOptions(loss_impl="fused"))
+    model = wrap(kind, inner)
+    ids, labels = batch_of(rank)
+    model(ids, labels=labels).backward()
+    rows = unwrap(kind, model).selected_rows
+    worst = compare_grads(named(kind, model), reference_grads(gather_rows(ids[rows]), gather_rows(labels[rows])))
+    return {"worst_rel_err": worst}
+
+
+SCENARIOS = {
+    "ddp_per_rank": lambda: per_rank("ddp"),
+    "ddp_no_targets": lambda: per_rank("ddp", no_targets_on_rank=1),
+    "fsdp_per_rank": lambda: per_rank("fsdp"),
+    "fsdp_no_targets": lambda: per_rank("fsdp", no_targets_on_rank=1),
+    "ddp_global_hardest": lambda: global_selection("ddp", "hardest"),
+    "ddp_global_random": lambda: global_selection("ddp", "random"),
+    "fsdp_global_hardest": lambda: global_selection("fsdp", "hardest"),
+    "mismatched_ratio": lambda: mismatched("ratio"),
+    "mismatched_seed": lambda: mismatched("seed"),
+    "rows_differ_per_rank": lambda: rows_differ_later("per_rank"),
+    "rows_differ_global": lambda: rows_differ_later("global"),
+    "loss_module": loss_module,
+    "ddp_fused": lambda: fused_dp("ddp"),
+    "fsdp_fused": lambda: fused_dp("fsdp"),
+}
+
+
+def main():
+    out, names = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    results = {}
+    for name in names:
+        try:
+            results[name] = {"ok": True, **SCENARIOS[name]()}
+        except Exception as error:  # recorded for the test to assert on (expected errors included)
+            results[name] = {"ok": False, "type": type(error).__name__, "error": str(error),
+                             "traceback": traceback.format_exc()}
+        dist.barrier()
+    path = os.path.join(out, f"rank{dist.get_rank()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
