@@ -12,10 +12,11 @@ functions below are the collectives it runs. Contracts:
   trained targets all-reduced over the group: DDP's (or FSDP2's) gradient mean then gives the gradient of
   the mean over every trained target of every rank, i.e. single-process training on the concatenated batch
   with the same rows. A rank whose rows have no valid target contributes 0 and runs the same collectives.
-- **Checks.** The first step all-gathers the configuration (policy, curriculum, seed, selection, batch
-  rows, world size) and raises a ``ValueError`` naming the setting that differs, instead of a hang or a
-  silent divergence later. Batch rows are compared again every step (global selection: before any
-  exchange; per-rank: read back one step later, without a synchronisation of the current step).
+- **Checks.** The first step all-gathers the configuration (policy, curriculum and its step, seed,
+  selection, world size, step options) and raises a ``ValueError`` naming the setting that differs,
+  instead of a hang or a silent divergence later. Batch rows are compared every step (global selection:
+  on the host before any exchange; per-rank: read back at the next step, so that the current step does
+  not synchronise).
 - Every collective runs on ``group`` (default: the default process group) under that group's timeout.
 """
 import dataclasses
@@ -211,6 +212,15 @@ def _fsdp_module_class():
 def is_fsdp_module(module) -> bool:
     cls = _fsdp_module_class()
     return cls is not None and isinstance(module, cls)
+
+
+def fsdp_original_class(module) -> type:
+    """``type(module)``, or for an FSDP2 module (``fully_shard`` swaps in a class ``FSDP<Name>``) the class
+    it had before."""
+    cls = _fsdp_module_class()
+    if cls is None or not isinstance(module, cls):
+        return type(module)
+    return next(c for c in type(module).__mro__ if not issubclass(c, cls))
 
 
 @contextmanager

@@ -33,7 +33,6 @@ Contracts
   (transformers 5.x) synchronises once per call (mask creation or the packed-sequence check);
   ``StepOptions(forward_impl='trunk')`` avoids it for ``attention_mask=None``.
 """
-import contextlib
 import dataclasses
 import math
 from typing import Optional, Union
@@ -44,12 +43,14 @@ from torch import nn
 from . import _legacy, ops
 from . import distributed as dp_ops
 from .distributed import DATA_PARALLEL_AUTO, DataParallel
+from .model_checks import check_causal_lm, check_selection, model_class_name, ratio_schedule
+from .model_parallel import DataParallelRows
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
 from .options import StepOptions
 from .policies import POLICY_AUTO, RowPolicy, RowSelection, resolve_policy
 from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create_truncated_router
-from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets
-from .schedule import SCHEDULES, RatioSchedule, batch_confidence
+from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets, weighted_row_loss
+from .schedule import RatioSchedule, batch_confidence
 from .scoring import score
 from .model_state import STEP_KEY, StepStateDict
 from .step_timing import StepTimer
@@ -67,53 +68,7 @@ def _router_chunk_rows(n_tokens: int, vocab_size: int, itemsize: int) -> int:
     return max(1, min(n_tokens, ROUTER_CHUNK_BYTES // max(1, vocab_size * itemsize)))
 
 
-def check_causal_lm(model):
-    """``model`` must be a Hugging Face causal LM (its forward takes ``input_ids`` and ``labels`` and returns
-    ``.loss`` / ``.logits`` for next-token prediction): a class of transformers' causal-LM mapping, or any
-    class named ``*ForCausalLM`` (remote code, PEFT wrappers)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module), got {type(model).__name__}")
-    name = type(model).__name__
-    if name.endswith("ForCausalLM"):
-        return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
-        return
-    config = getattr(model, "config", None)
-    what = ("it has no Hugging Face config" if config is None
-            else f"its class is not a causal LM of transformers (model_type {getattr(config, 'model_type', None)!r})")
-    raise TypeError(f"model must be a Hugging Face causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel): got {name}, "
-                    f"and {what}. CGGRModel trains next-token prediction on the selected rows through the "
-                    "model's own labels= loss")
-
-
-def _check_selection(selection, batch_size, device):
-    """Host-only checks of a ``RowSelection`` (from a policy or the caller), naming what is wrong."""
-    idx, weight = selection.indices, selection.row_weight
-    if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64 or idx.device != device
-            or not 1 <= idx.shape[0] <= batch_size):
-        what = (f"{tuple(idx.shape)} {idx.dtype} on {idx.device}" if isinstance(idx, torch.Tensor)
-                else type(idx).__name__)
-        raise ValueError(f"rows: RowSelection.indices must be a 1-D int64 tensor of 1 to {batch_size} batch "
-                         f"positions on {device}, got {what}")
-    if weight is not None and (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(idx.shape)):
-        raise ValueError(f"rows: RowSelection.row_weight must be None or a tensor of shape {tuple(idx.shape)}, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-
-
-def _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
-    if isinstance(schedule, RatioSchedule):
-        if not defaults_given:
-            raise ValueError("pass the ratio and warm-up either as min_tokens_ratio= / warmup_steps= or inside "
-                             "schedule=RatioSchedule(...), not both")
-        return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES} or a cggr.RatioSchedule, got {schedule!r}")
-    return RatioSchedule(min_tokens_ratio, warmup_steps, schedule, dynamic_threshold=False)
-
-
-class CGGRModel(StepStateDict, nn.Module):
+class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
     """Selective training of a Hugging Face causal LM (see the module docstring for the contracts).
 
     Args:
@@ -132,13 +87,10 @@ class CGGRModel(StepStateDict, nn.Module):
             ``cggr.RatioSchedule`` (then leave ``min_tokens_ratio`` / ``warmup_steps`` at their defaults).
         step_options: ``cggr.StepOptions`` (compilation, fused loss, trunk forward, timing).
         seed: seeds the generator of the random policies.
-        data_parallel: ``'auto'`` (default: ``cggr.DataParallel()``, per-rank selection, when
-            torch.distributed is initialised with more than one process at the first training step; else
-            none), None (each process on its own, no collectives) or a ``cggr.DataParallel`` (per-rank or
-            global selection, the group). Contracts in ``cggr.distributed``: every rank trains the same
-            number of rows, and the loss is ``sum of the trained targets' NLL * W / N`` with ``N`` all-reduced
-            (without ``num_items_in_batch``), so that DDP's / FSDP2's gradient mean equals single-process
-            training on the concatenated batch.
+        data_parallel: ``'auto'`` (``cggr.DataParallel()`` when torch.distributed runs more than one process
+            at the first step, else None), None (no collectives) or a ``cggr.DataParallel``. Every rank trains
+            the same number of rows; the loss is ``sum of the trained NLL * W / N``, ``N`` all-reduced: DDP's
+            and FSDP2's gradient mean is one process's on the concatenated batch (``cggr.distributed``).
 
     The keyword arguments of the 0.5 API (``scoring``, ``selection``, ``router_layers``, ...) still work
     for one release with a ``FutureWarning`` naming the new spelling.
@@ -164,7 +116,7 @@ class CGGRModel(StepStateDict, nn.Module):
                                      f"{', '.join(k for k in _legacy.STEP_KEYS if k in deprecated)}, not both")
                 step_options = legacy_options
             defaults_given = True  # translate built the schedule from these very values, or checked above
-        self.schedule = _schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given)
+        self.schedule = ratio_schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given)
         self.policy = resolve_policy(policy, router is not None)
         options = StepOptions() if step_options is None else step_options
         if not isinstance(options, StepOptions):
@@ -172,11 +124,11 @@ class CGGRModel(StepStateDict, nn.Module):
         self.step_options = options
         for name in ("fused", "trunk"):
             active = options.loss_impl == "fused" if name == "fused" else options.forward_impl == "trunk"
-            if active and type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+            if active and model_class_name(model) not in SUPPORTED_ARCHITECTURES:
                 # the fused path applies get_output_embeddings() to base_model's output itself, the trunk path
                 # runs the model's modules itself: only for the families whose forward does exactly that
                 raise TypeError(f"StepOptions({'loss_impl' if name == 'fused' else 'forward_impl'}={name!r}): "
-                                f"unsupported architecture {type(model).__name__}; looked for one of "
+                                f"unsupported architecture {model_class_name(model)}; looked for one of "
                                 f"{', '.join(SUPPORTED_ARCHITECTURES)}")
         if options.loss_impl == "fused" and getattr(getattr(model, "config", None), "output_router_logits", False):
             raise ValueError("StepOptions(loss_impl='fused') computes the cross entropy only: this MoE model's "
@@ -336,84 +288,8 @@ class CGGRModel(StepStateDict, nn.Module):
             return self._select_global(values, k, B, T, dp, input_ids.device)
         rank = dp.rank if dp is not None else 0  # per-rank draws differ between ranks
         selection = self.policy.select(values, k, self._generator(input_ids.device, rank))
-        _check_selection(selection, B, input_ids.device)
+        check_selection(selection, B, input_ids.device)
         return selection
-
-    # -- data parallelism (cggr.distributed) ---------------------------------------------------------
-    def _data_parallel(self, batch_rows: int, device) -> Optional[DataParallel]:
-        """The resolved ``data_parallel`` setting; at the first training step every rank's configuration
-        is compared; every step reads back the previous step's row counts (per-rank selection)."""
-        if self._dp_state is None:
-            setting = dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRModel")
-            if setting is not None and setting.check_config:
-                dp_ops.check_same_config(self._data_parallel_config(setting, batch_rows), setting, "CGGRModel")
-            self._dp_state = (setting, dp_ops.DeferredRowCheck("CGGRModel"))
-        setting, rows_check = self._dp_state
-        rows_check.flush()
-        return setting
-
-    def _data_parallel_config(self, setting, batch_rows):
-        return {"policy": self.policy, "schedule": self.schedule, "cggr_step": self._step, "seed": self.seed,
-                "data_parallel.selection": setting.selection, "world size": setting.world_size,
-                "batch rows": batch_rows, "step_options": self.step_options}
-
-    def _router_params_gathered(self):
-        """FSDP2: the router uses the root's parameters (embedding, final norm, LM head) outside the model's
-        forward: gathered for the pass unless this wrapper's own forward (the FSDP root) already did."""
-        if dp_ops.is_fsdp_module(self):  # this wrapper is the root: its forward has gathered them
-            return contextlib.nullcontext() if self._in_forward else dp_ops.unsharded(self)
-        if dp_ops.is_fsdp_module(self.model):
-            return dp_ops.unsharded(self.model)
-        return contextlib.nullcontext()
-
-    def _select_global(self, values, k, B, T, dp, device) -> RowSelection:
-        """DataParallel(selection='global'): the policy over the concatenated batch (rank-major), ``W * k``
-        rows; this rank's share of them (``cggr.distributed.assign_rows``) as positions in that batch."""
-        W = dp.world_size
-        dp_ops.gather_sizes(B, T, device, dp, "CGGRModel")
-        if isinstance(values, torch.Tensor):
-            values = dp_ops.all_gather_rows(values, dp)
-            self.last_row_values = values
-        else:
-            values = W * B
-        # the same generator stream on every rank: every rank draws the same global choice
-        selection = self.policy.select(values, W * k, self._generator(device))
-        _check_selection(selection, W * B, device)
-        chosen = selection.indices.tolist()
-        share = dp_ops.assign_rows(chosen, W, B, dp.rank)
-        weight = None
-        if selection.row_weight is not None:
-            by_position = dict(zip(chosen, selection.row_weight.tolist()))
-            weight = torch.tensor([by_position[p] for p in share], dtype=torch.float32, device=device)
-        return RowSelection(torch.tensor(share, dtype=torch.int64, device=device), weight)
-
-    @staticmethod
-    def _take_global(selection, dp, batch_rows, tensors):
-        """The rows of ``selection`` (positions in the rank-major concatenation of every rank's batch) from
-        each per-row tensor of ``tensors`` (None and non-row values pass through): one all-gather each."""
-        idx = selection.indices
-
-        def take(t):
-            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != batch_rows:
-                return t
-            return dp_ops.all_gather_rows(t, dp).index_select(0, idx.to(t.device))
-
-        return {name: take(t) for name, t in tensors.items()}
-
-    def _check_fsdp_root(self):
-        if dp_ops.is_fsdp_module(self.model) and not dp_ops.is_fsdp_module(self):
-            raise ValueError("StepOptions(loss_impl='fused' / forward_impl='trunk') run the model's modules and LM "
-                             "head outside its forward, where FSDP2 gathers the root's parameters: apply "
-                             "fully_shard to the CGGRModel (after its blocks), not to the wrapped model, or use "
-                             "loss_impl='model', forward_impl='model'")
-
-    def _data_parallel_total(self, count, batch_rows, dp):
-        """``count`` summed over the group (device tensor, no synchronisation)."""
-        if dp.selection == "global":  # the rows were compared on the host before the exchange
-            return dp_ops.sum_over_ranks(count, dp)
-        gathered = dp_ops.gather_counts(count, batch_rows, dp)
-        self._dp_state[1].push(gathered[:, 1])
-        return gathered[:, 0].sum()
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, rows: Union[RowSelection, str, None] = "policy",
@@ -423,7 +299,13 @@ class CGGRModel(StepStateDict, nn.Module):
         ``rows``: ``'policy'`` (default) chooses them now (``select_rows``); a ``RowSelection`` from an
         earlier ``select_rows`` on this batch, or None (every row), trains those without choosing again.
         ``reference_nll`` ([B, T-1]) as the policy requires. ``num_items_in_batch`` (Hugging Face's
-        gradient-accumulation normaliser) replaces the selected rows' target count as the loss's divisor.
+        gradient-accumulation normaliser) replaces the selected rows' target count as the loss's divisor;
+        under data parallelism it counts every rank's trained targets (``trained_targets``), and the loss
+        is multiplied by W as without it (``cggr.distributed``).
+
+        With ``DataParallel(selection='global')`` a given ``RowSelection`` holds positions in the rank-major
+        concatenation of every rank's batch (what ``select_rows`` returns there); this rank trains those
+        rows, received from their ranks.
         """
         if labels is None:
             return self.model(input_ids, attention_mask=attention_mask, **kwargs)
@@ -466,7 +348,7 @@ class CGGRModel(StepStateDict, nn.Module):
             selection = RowSelection(torch.arange(input_ids.shape[0], device=input_ids.device), selection.row_weight)
         B = input_ids.shape[0]
         if selection is not None:
-            _check_selection(selection, B, input_ids.device)
+            check_selection(selection, B, input_ids.device)
         ratio, confidence = self._ratio, self._confidence
         k = B if selection is None else int(selection.indices.shape[0])
         if self._timer is not None:
@@ -527,10 +409,10 @@ class CGGRModel(StepStateDict, nn.Module):
                                / n_norm.clamp_min(1).to(loss.dtype))
         elif row_weight is not None:
             logits = self._rows_logits(rows_ids, rows_mask, rows_kwargs)
-            loss = self._weighted_loss(logits, rows_labels, row_weight, n_norm)
+            loss = weighted_row_loss(logits, rows_labels, row_weight, n_norm)
         else:
             loss = self._rows_model_loss(rows_ids, rows_labels, rows_mask, rows_kwargs)
-        if dp_norm:
+        if dp is not None:
             loss = loss * dp.world_size  # DDP / FSDP2 average the gradients over the W ranks
 
         self._last = {
@@ -666,17 +548,6 @@ class CGGRModel(StepStateDict, nn.Module):
             return self._model_trunk.labels_loss(self._rows_logits(ids, attention_mask, kwargs), labels,
                                                  **loss_kwargs)
         return self._forward_model(input_ids=ids, attention_mask=attention_mask, labels=labels, **kwargs).loss
-
-    @staticmethod
-    def _weighted_loss(logits, labels, row_weight, n_norm=None):
-        # Float32 like HF's ForCausalLMLoss, so that all-ones weights reproduce the model's loss.
-        # n_norm: the normaliser (loss_norm='batch'); None = the valid targets of these rows.
-        logits = logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-        n_valid = (targets != IGNORE_INDEX).sum() if n_norm is None else n_norm
-        return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
 
     def _generator(self, device, rank: int = 0):
         """The random policies' generator, re-seeded from (seed, curriculum step, call within the step): a run

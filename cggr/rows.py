@@ -36,6 +36,18 @@ def reference_row_means(reference_nll, labels, attention_mask):
     return torch.where(n > 0, ref.sum(1) / n.clamp_min(1).to(torch.float32), math.nan)
 
 
+def weighted_row_loss(logits, labels, row_weight, n_norm=None):
+    """``sum_i w_row(i) * nll_i / n`` over the valid shifted targets of [k, T, V] logits, in float32 like
+    Hugging Face's ForCausalLMLoss (all-ones weights reproduce the model's loss). ``n``: ``n_norm`` (a
+    device count), else the valid targets of these rows."""
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                      ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    n_valid = (targets != IGNORE_INDEX).sum() if n_norm is None else n_norm
+    return (nll * row_weight.to(nll.dtype)[:, None]).sum() / n_valid.clamp_min(1).to(nll.dtype)
+
+
 def rows_for_ratio(ratio: float, batch_size: int) -> int:
     """ceil(ratio * B), at least 1, at most B. The 1e-9 slack absorbs float error (0.3 * 10 = 3.0000000000000004)."""
     return min(batch_size, max(1, math.ceil(ratio * batch_size - 1e-9)))

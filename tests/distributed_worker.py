@@ -185,7 +185,7 @@ def rows_differ_later(selection):
 def loss_module(kind_unused=None):
     """CGGRLoss(data_parallel=...) under DDP: gradients equal one process's mean over every rank's selected
     tokens (selection per rank, the masks gathered)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     head = torch.nn.Linear(16, VOCAB)
     ref_head = copy.deepcopy(head)
@@ -220,7 +220,132 @@ def fused_dp(kind):
     return {"worst_rel_err": worst}
 
 
+def accumulation(kind, selection):
+    """Two micro-batches per optimizer step (DDP: no_sync on the first): rows chosen first, the window's
+    trained targets summed over micro-batches and ranks as num_items_in_batch; the accumulated gradients
+    equal one process's mean over every trained target of the window."""
+    import contextlib
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), DataParallel(selection=selection))
+    model = wrap(kind, inner)
+    cggr_inner = unwrap(kind, model)
+    micro = [batch_of(rank + world * i, rows=B) for i in range(2)]  # different data per micro-batch and rank
+    selections = [cggr_inner.select_rows(ids, labels) for ids, labels in micro]
+    n = sum(cggr_inner.trained_targets(labels, sel) for (_, labels), sel in zip(micro, selections))
+    n = cggr.distributed.sum_over_ranks(n, cggr_inner._dp_state[0])
+    for i, ((ids, labels), sel) in enumerate(zip(micro, selections)):
+        sync = model.no_sync() if kind == "ddp" and i == 0 else contextlib.nullcontext()
+        with sync:
+            model(ids, labels=labels, rows=sel, num_items_in_batch=n).backward()
+    # one process: every rank's trained rows of both micro-batches, one mean
+    trained = []
+    for (ids, labels), sel in zip(micro, selections):
+        if selection == "global":
+            every_ids, every_labels = gather_rows(ids), gather_rows(labels)
+            shares = [None] * world
+            dist.all_gather_object(shares, sel.indices.tolist())
+            rows = torch.tensor(sorted(p for share in shares for p in share))
+            trained.append((every_ids[rows], every_labels[rows]))
+        else:
+            trained.append((gather_rows(ids[sel.indices]), gather_rows(labels[sel.indices])))
+    all_ids = torch.cat([t[0] for t in trained])
+    all_labels = torch.cat([t[1] for t in trained])
+    worst = compare_grads(named(kind, model), reference_grads(all_ids, all_labels))
+    return {"worst_rel_err": worst, "num_items": int(n)}
+
+
+def fsdp_inner_root(fused=False):
+    """What accelerate's FSDP2 does under cggr.hf: the Hugging Face model itself is the FSDP root (its blocks
+    sharded too) and the rows are chosen before its first forward: the router gathers the root's
+    parameters itself. Gradients equal one process's on every rank's trained rows. With the fused loss
+    (which runs the LM head outside the model's forward) this layout is refused with a clear error."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    hf_model = tiny_llama()
+    for block in hf_model.model.layers:
+        fully_shard(block)
+    fully_shard(hf_model)
+    options = cggr.StepOptions(loss_impl="fused") if fused else None
+    model = cggr_model(hf_model, HardestRows(router=RouterSettings(layers=1)), "auto", step_options=options)
+    ids, labels = batch_of(rank)
+    selection = model.select_rows(ids, labels)
+    model(ids, labels=labels, rows=selection).backward()
+    rows = selection.indices
+    worst = compare_grads(named("fsdp", model), reference_grads(gather_rows(ids[rows]), gather_rows(labels[rows])))
+    return {"worst_rel_err": worst}
+
+
+def trainer_ddp():
+    """cggr.hf.CGGRTrainer under torchrun (accelerate's multi-process CPU backend, gloo): the gradient of the
+    first optimizer step (2 micro-batches per rank) equals one process's mean over every trained target of
+    every rank's cut micro-batches; every rank trains the same number of rows."""
+    import tempfile
+
+    import transformers as tf
+
+    from cggr.hf import CGGRConfig, CGGRTrainer
+
+    world = dist.get_world_size()
+    recorded, grads = [], {}
+
+    class Recording(CGGRTrainer):
+        def _cggr_select(self, batch):
+            out = super()._cggr_select(batch)
+            recorded.append((out["input_ids"].clone(), out["labels"].clone()))
+            return out
+
+    class GradsAtFirstStep(tf.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not grads:
+                grads.update(named("ddp", trainer.model_wrapped))
+
+    gen = torch.Generator().manual_seed(7)
+    data = [{"input_ids": torch.randint(1, VOCAB, (int(n),), generator=gen).tolist()}
+            for n in torch.randint(6, T + 1, (8 * world,), generator=gen)]
+
+    def collate(features):
+        length = max(len(f["input_ids"]) for f in features)
+        ids = torch.zeros(len(features), length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, f in enumerate(features):
+            ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[i, :len(f["input_ids"])] = 1
+        return {"input_ids": ids, "labels": torch.where(mask.bool(), ids, -100), "attention_mask": mask}
+
+    out_dir = tempfile.mkdtemp()
+    args = tf.TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                max_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                optim="sgd", learning_rate=1.0, max_grad_norm=0.0, seed=0, logging_steps=1,
+                                average_tokens_across_devices=True, ddp_backend="gloo")
+    trainer = Recording(model=tiny_llama(), args=args, train_dataset=data, data_collator=collate,
+                        callbacks=[GradsAtFirstStep()],
+                        cggr_config=CGGRConfig(policy=HardestRows(router=RouterSettings(layers=1)),
+                                               min_tokens_ratio=0.5, warmup_steps=0))
+    trainer.train()
+    rows = [int(ids.shape[0]) for ids, _ in recorded]
+    every = [None] * world
+    dist.all_gather_object(every, [(ids.tolist(), labels.tolist()) for ids, labels in recorded])
+    model = tiny_llama()
+    total = sum(int((torch.tensor(l)[:, 1:] != -100).sum()) for part in every for _, l in part)
+    for part in every:
+        for ids, labels in part:
+            model(input_ids=torch.tensor(ids), labels=torch.tensor(labels), num_items_in_batch=total).loss.backward()
+    expected = grads_of(model)
+    worst = compare_grads(grads, expected)
+    all_rows = [None] * world
+    dist.all_gather_object(all_rows, rows)
+    return {"worst_rel_err": worst, "rows_per_rank": all_rows, "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)}
+
+
 SCENARIOS = {
+    "trainer_ddp": trainer_ddp,
+    "fsdp_inner_root": fsdp_inner_root,
+    "fsdp_inner_root_fused": lambda: fsdp_inner_root(fused=True),
+    "ddp_accumulation": lambda: accumulation("ddp", "per_rank"),
+    "ddp_accumulation_global": lambda: accumulation("ddp", "global"),
+    "fsdp_accumulation": lambda: accumulation("fsdp", "per_rank"),
     "ddp_per_rank": lambda: per_rank("ddp"),
     "ddp_no_targets": lambda: per_rank("ddp", no_targets_on_rank=1),
     "fsdp_per_rank": lambda: per_rank("fsdp"),

@@ -15,7 +15,9 @@ from cggr.distributed import assign_rows
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets", "ddp_global_hardest",
              "ddp_global_random", "fsdp_global_hardest", "mismatched_ratio", "mismatched_seed",
-             "rows_differ_per_rank", "rows_differ_global", "loss_module", "ddp_fused", "fsdp_fused"]
+             "rows_differ_per_rank", "rows_differ_global", "loss_module", "ddp_fused", "fsdp_fused",
+             "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
+             "fsdp_inner_root_fused", "trainer_ddp"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
 
@@ -51,7 +53,8 @@ def outcome(results, name):
     return per_rank
 
 
-PER_RANK = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets", "ddp_fused", "fsdp_fused"]
+PER_RANK = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets", "ddp_fused", "fsdp_fused",
+            "fsdp_inner_root"]
 GLOBAL = ["ddp_global_hardest", "ddp_global_random", "fsdp_global_hardest"]
 
 
@@ -92,6 +95,27 @@ def test_row_counts_that_differ_are_reported(two, scenario, step):
     for r in outcome(two, scenario):
         assert r["raised_at_step"] == step, r
         assert "different batch rows" in r["error"] and "rank 1: 6" in r["error"], r["error"]
+
+
+@pytest.mark.parametrize("scenario", ["ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation"])
+def test_gradient_accumulation_with_the_window_count(two, scenario):
+    """no_sync on the first micro-batch, num_items_in_batch = the window's trained targets over every rank."""
+    for r in outcome(two, scenario):
+        assert r["worst_rel_err"] < 1e-4 and r["num_items"] > 0
+
+
+def test_trainer_under_torchrun_ddp(two):
+    """CGGRTrainer with accelerate's multi-process CPU backend: DDP, gradient accumulation 2, the first
+    optimizer step's gradients against one process on every rank's cut micro-batches."""
+    for r in outcome(two, "trainer_ddp"):
+        assert r["ddp"] and r["worst_rel_err"] < 1e-4
+        assert r["rows_per_rank"] == [[2, 2], [2, 2]]
+
+
+def test_fused_loss_needs_the_wrapper_as_fsdp_root(two):
+    for r in (res["fsdp_inner_root_fused"] for res in two):
+        assert not r["ok"] and r["type"] == "ValueError", r
+        assert "apply fully_shard to the CGGRModel" in r["error"]
 
 
 def test_loss_module_group_mean(two):

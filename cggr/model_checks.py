@@ -1,0 +1,58 @@
+"""Checks of ``CGGRModel``'s inputs, done on the host before any work: the wrapped model, a row
+selection, the curriculum arguments."""
+import torch
+from torch import nn
+
+from .distributed import fsdp_original_class
+from .schedule import SCHEDULES, RatioSchedule
+
+
+def model_class_name(model) -> str:
+    """The model's class name; for a module FSDP2 has sharded (class ``FSDP<Name>``), the original's."""
+    return fsdp_original_class(model).__name__
+
+
+def check_causal_lm(model):
+    """``model`` must be a Hugging Face causal LM (its forward takes ``input_ids`` and ``labels`` and returns
+    ``.loss`` / ``.logits`` for next-token prediction): a class of transformers' causal-LM mapping, or any
+    class named ``*ForCausalLM`` (remote code, PEFT wrappers)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a Hugging Face causal LM (an nn.Module), got {type(model).__name__}")
+    name = model_class_name(model)
+    if name.endswith("ForCausalLM"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return
+    config = getattr(model, "config", None)
+    what = ("it has no Hugging Face config" if config is None
+            else f"its class is not a causal LM of transformers (model_type {getattr(config, 'model_type', None)!r})")
+    raise TypeError(f"model must be a Hugging Face causal LM (e.g. LlamaForCausalLM, GPT2LMHeadModel): got {name}, "
+                    f"and {what}. CGGRModel trains next-token prediction on the selected rows through the "
+                    "model's own labels= loss")
+
+
+def check_selection(selection, batch_size, device):
+    """Host-only checks of a ``RowSelection`` (from a policy or the caller), naming what is wrong."""
+    idx, weight = selection.indices, selection.row_weight
+    if (not isinstance(idx, torch.Tensor) or idx.dim() != 1 or idx.dtype != torch.int64 or idx.device != device
+            or not 1 <= idx.shape[0] <= batch_size):
+        what = (f"{tuple(idx.shape)} {idx.dtype} on {idx.device}" if isinstance(idx, torch.Tensor)
+                else type(idx).__name__)
+        raise ValueError(f"rows: RowSelection.indices must be a 1-D int64 tensor of 1 to {batch_size} batch "
+                         f"positions on {device}, got {what}")
+    if weight is not None and (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != tuple(idx.shape)):
+        raise ValueError(f"rows: RowSelection.row_weight must be None or a tensor of shape {tuple(idx.shape)}, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+
+
+def ratio_schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
+    if isinstance(schedule, RatioSchedule):
+        if not defaults_given:
+            raise ValueError("pass the ratio and warm-up either as min_tokens_ratio= / warmup_steps= or inside "
+                             "schedule=RatioSchedule(...), not both")
+        return schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES} or a cggr.RatioSchedule, got {schedule!r}")
+    return RatioSchedule(min_tokens_ratio, warmup_steps, schedule, dynamic_threshold=False)
