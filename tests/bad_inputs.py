@@ -71,7 +71,31 @@ def _cases():
         ("`CGGRLoss` with a target outside the vocabulary", lambda: cggr.CGGRLoss()(torch.randn(4, V), torch.tensor([0, 1, 2, V])),
          ValueError, "target"),
         ("`CGGRLoss(scoring='hardness')`", lambda: cggr.CGGRLoss(scoring="hardness"), ValueError, "scoring"),
+        ("`data_parallel=cggr.DataParallel()` without an initialised process group",
+         lambda: cggr.CGGRModel(_llama(), data_parallel=cggr.DataParallel()), ValueError,
+         "needs an initialised torch.distributed process group"),
+        ("`cggr.DataParallel(selection='all')`", lambda: cggr.DataParallel(selection="all"), ValueError,
+         "DataParallel.selection must be one of"),
+        ("`CGGRLoss` with global selection", lambda: _loss_global(), ValueError, "selection='per_rank'"),
     ]
+
+
+def _loss_global():
+    """CGGRLoss(data_parallel=DataParallel(selection='global')) in a 1-process gloo group (a temporary one)."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    import cggr
+
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "rendezvous"), rank=0,
+                                world_size=1)
+        try:
+            return cggr.CGGRLoss(data_parallel=cggr.DataParallel(selection="global"))
+        finally:
+            dist.destroy_process_group()
 
 
 CASES = None

@@ -21,6 +21,9 @@ import cggr
 from cggr import CGGRLoss, CGGRModel, DataParallel, HardestRows, RandomRows, RouterSettings
 
 TIMEOUT_S = 60
+# CGGR_TEST_BACKEND=nccl (tests/gpu): the same scenarios on CUDA, one GPU per rank
+BACKEND = os.environ.get("CGGR_TEST_BACKEND", "gloo")
+DEVICE = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if BACKEND == "nccl" else "cpu")
 VOCAB, T, B = 96, 12, 4
 # float32 on the CPU: DDP's all-reduced mean against one process's sum differs by rounding only
 RTOL, ATOL = 1e-4, 1e-6
@@ -32,7 +35,7 @@ def tiny_llama(seed=0):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).float()
+    return LlamaForCausalLM(config).float().to(DEVICE)
 
 
 def batch_of(rank, rows=B, length=T, no_targets=False):
@@ -43,7 +46,7 @@ def batch_of(rank, rows=B, length=T, no_targets=False):
     labels[:, :2] = -100  # a prompt that is not trained
     if no_targets:
         labels[:] = -100
-    return ids, labels
+    return ids.to(DEVICE), labels.to(DEVICE)
 
 
 def whole_batch(world, **kw):
@@ -54,6 +57,12 @@ def whole_batch(world, **kw):
 def cggr_model(model, policy, data_parallel, ratio=0.5, seed=0, **kw):
     return CGGRModel(model, policy=policy, min_tokens_ratio=ratio, warmup_steps=0, seed=seed,
                      data_parallel=data_parallel, **kw)
+
+
+def auto():
+    """data_parallel='auto' (DataParallel() with 2+ processes); with one process (the GPU's NCCL smoke test)
+    an explicit DataParallel(), so that the collectives still run."""
+    return "auto" if dist.get_world_size() > 1 else DataParallel()
 
 
 def gather_rows(t):
@@ -117,7 +126,7 @@ def named(kind, module):
 def per_rank(kind, no_targets_on_rank=None):
     """Per-rank selection: gradients equal one process's on the concatenation of every rank's trained rows."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), "auto")
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), auto())
     model = wrap(kind, inner)
     ids, labels = batch_of(rank, no_targets=rank == no_targets_on_rank)
     loss = model(ids, labels=labels)
@@ -162,7 +171,7 @@ def mismatched(field):
     kwargs = {"ratio": 0.5, "seed": 0}
     if rank == 1:
         kwargs = {"ratio": 0.25, "seed": 0} if field == "ratio" else {"ratio": 0.5, "seed": 7}
-    model = cggr_model(tiny_llama(), RandomRows(), "auto", **kwargs)
+    model = cggr_model(tiny_llama(), RandomRows(), auto(), **kwargs)
     ids, labels = batch_of(rank)
     model(ids, labels=labels).backward()
     return {}
@@ -187,12 +196,12 @@ def loss_module(kind_unused=None):
     tokens (selection per rank, the masks gathered)."""
     rank = dist.get_rank()
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, VOCAB)
+    head = torch.nn.Linear(16, VOCAB).to(DEVICE)
     ref_head = copy.deepcopy(head)
     model = torch.nn.parallel.DistributedDataParallel(head)
     gen = torch.Generator().manual_seed(50 + rank)
-    hidden = torch.randn(2, 9, 16, generator=gen)
-    targets = torch.randint(0, VOCAB, (2, 9), generator=gen)
+    hidden = torch.randn(2, 9, 16, generator=gen).to(DEVICE)
+    targets = torch.randint(0, VOCAB, (2, 9), generator=gen).to(DEVICE)
     targets[0, :3] = -100
     criterion = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, data_parallel=DataParallel())
     loss = criterion(model(hidden), targets)
@@ -210,7 +219,7 @@ def loss_module(kind_unused=None):
 def fused_dp(kind):
     """loss_impl='fused' with per-rank selection (FSDP2: the LM head gathered by the root's forward)."""
     rank = dist.get_rank()
-    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), "auto",
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), auto(),
                        step_options=cggr.StepOptions(loss_impl="fused"))
     model = wrap(kind, inner)
     ids, labels = batch_of(rank)
@@ -245,7 +254,7 @@ def accumulation(kind, selection):
             every_ids, every_labels = gather_rows(ids), gather_rows(labels)
             shares = [None] * world
             dist.all_gather_object(shares, sel.indices.tolist())
-            rows = torch.tensor(sorted(p for share in shares for p in share))
+            rows = torch.tensor(sorted(p for share in shares for p in share), device=DEVICE)
             trained.append((every_ids[rows], every_labels[rows]))
         else:
             trained.append((gather_rows(ids[sel.indices]), gather_rows(labels[sel.indices])))
@@ -268,7 +277,7 @@ def fsdp_inner_root(fused=False):
         fully_shard(block)
     fully_shard(hf_model)
     options = cggr.StepOptions(loss_impl="fused") if fused else None
-    model = cggr_model(hf_model, HardestRows(router=RouterSettings(layers=1)), "auto", step_options=options)
+    model = cggr_model(hf_model, HardestRows(router=RouterSettings(layers=1)), auto(), step_options=options)
     ids, labels = batch_of(rank)
     selection = model.select_rows(ids, labels)
     model(ids, labels=labels, rows=selection).backward()
@@ -365,7 +374,9 @@ SCENARIOS = {
 
 def main():
     out, names = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    if BACKEND == "nccl":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group(BACKEND, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     results = {}
     for name in names:
         try:

@@ -10,8 +10,8 @@ import dataclasses
 import os
 import time
 
-from .settings import (CLOCKS, COMPILE_MODES, DTYPES, EMBEDDED_DIR, FORWARD_IMPLS, PRESET_NAMES, REGIMES,
-                       Settings)
+from .settings import (CLOCKS, COMPILE_MODES, DATA_PARALLEL, DTYPES, EMBEDDED_DIR, FORWARD_IMPLS, PRESET_NAMES,
+                       REGIMES, Settings)
 
 DEFAULTS = Settings()
 # Flags that are not settings of a run: what to do, where the data is, how to tokenize it.
@@ -19,7 +19,7 @@ CLI_ONLY = ("report_only", "max_wall", "corpus", "tokenizer", "doc_chars", "val_
             "time_budget", "token_budget", "model")
 # Settings fields that no flag sets one to one: computed in settings_from_args.
 DERIVED = ("regime", "configs", "budget_kind", "budget", "eval_every", "eval_batch_size", "model_path", "device",
-           "dtype")
+           "dtype", "world_size")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -110,6 +110,10 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="step: a device synchronisation around every timed step (each step timed from an idle "
                         "GPU); span: synchronise only at evaluations, so the host issues the next step while "
                         "the GPU runs this one, as a loop that does not read its loss every step")
+    g.add_argument("--data-parallel", choices=DATA_PARALLEL, default=DEFAULTS.data_parallel,
+                   help="under torchrun --nproc-per-node N (each rank trains batch-size / N rows of every batch, "
+                        "gradients averaged): the selective configurations choose per_rank (each among its own "
+                        "rows) or global (over the whole batch, as one process would: cggr.DataParallel)")
     g.add_argument("--forward-impl", choices=FORWARD_IMPLS, default=DEFAULTS.forward_impl,
                    help="how every training of the bench runs the model (standard and selective alike): model = "
                         "its own forward (transformers checks position_ids for packed sequences on the host, a "
@@ -130,7 +134,16 @@ def run(args, parser: argparse.ArgumentParser) -> int:
         for name, path in write_reports(args.out, log).items():
             log(f"report: {name}: {path}")
         return 0
+    from .parallel import barrier, init_from_env
+
+    process_group = init_from_env(_default_device(args))  # torchrun: several processes (else None)
+    leader = process_group is None or process_group.rank == 0
+    if not leader:
+        log = _silent
+        barrier(process_group)  # rank 0 prepares (and caches) the corpus first
     settings, corpus = settings_from_args(args, parser, log)
+    if leader:
+        barrier(process_group)
     if settings is None:  # --prepare-only
         return 0
     from .runner import Bench
@@ -139,17 +152,27 @@ def run(args, parser: argparse.ArgumentParser) -> int:
     left = 0
     for regime in args.regime:
         s = settings(regime)
-        bench = Bench(s, corpus, log)
+        bench = Bench(s, corpus, log, process_group)
         log(f"== {regime}: {len(list(bench.plan()))} runs, {len(bench.train_rows)} training rows of "
             f"{s.seq_len + 1} tokens, model {bench.model_source.describe()}, settings {bench.hash}")
         written, regime_left = bench.run_all(deadline)
         left += regime_left
-        if written:
+        if written and leader:
             for name, path in write_reports(args.out, log).items():
                 log(f"report: {name}: {path}")
     log(f"{'INCOMPLETE: ' + str(left) + ' runs left (same command again to continue)' if left else 'done'} "
         f"in {time.monotonic() - started:.0f} s")
     return 0
+
+
+def _silent(msg):
+    pass
+
+
+def _default_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def settings_from_args(args, parser, log):
@@ -160,6 +183,10 @@ def settings_from_args(args, parser, log):
     from .tokenizer import load_tokenizer
 
     # user errors first, one line each, naming the flag: before any work, and before any output is written
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun (cggr.bench.parallel)
+    if args.batch_size % world_size:
+        parser.error(f"--batch-size {args.batch_size}: torchrun started {world_size} processes, and every rank "
+                     f"trains an equal share of each batch: use a multiple of {world_size}")
     if args.model is not None and not os.path.isdir(args.model):
         parser.error(f"--model {args.model}: no such folder (a local Hugging Face causal-LM folder is expected)")
     for path in args.corpus:
@@ -205,7 +232,7 @@ def settings_from_args(args, parser, log):
 
     derived = dict(configs=args.configs, budget_kind=kind, budget=amount, eval_every=args.eval_every or amount / 10,
                    eval_batch_size=args.eval_batch_size or args.batch_size, model_path=args.model, device=device,
-                   dtype=dtype)
+                   dtype=dtype, world_size=world_size)
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if f.name not in DERIVED}
 
     def settings(regime):

@@ -53,6 +53,7 @@ class StepContext:
     num_sources: int = 0      # source ids are in [0, num_sources) (running per-source baselines)
     num_train_rows: int = 0   # Batch.index is in [0, num_train_rows) (running per-row baselines)
     forward_impl: str = "model"  # CGGRModel's forward_impl, for every configuration alike (FORWARD_IMPLS)
+    data_parallel: str = "per_rank"  # cggr.DataParallel.selection when the bench runs on several processes
 
 
 def model_trunk(model, ctx: StepContext):
@@ -193,11 +194,18 @@ def _row_keys(batch):
 
 
 def _cggr_model(model, ratio, ctx, policy):
+    from cggr import distributed
     from cggr.model import CGGRModel
     from cggr.options import StepOptions
 
+    # several processes (torchrun): the bench averages the gradients (cggr.bench.parallel), CGGRModel
+    # normalises the loss over the group and chooses per rank or over the global batch
+    data_parallel = None
+    if distributed.is_initialized() and distributed.dist.get_world_size() > 1:
+        data_parallel = distributed.DataParallel(selection=ctx.data_parallel)
     return CGGRModel(model, policy=policy, min_tokens_ratio=ratio, warmup_steps=ctx.selection_warmup_steps,
-                     seed=ctx.seed, step_options=StepOptions(forward_impl=ctx.forward_impl))
+                     seed=ctx.seed, step_options=StepOptions(forward_impl=ctx.forward_impl),
+                     data_parallel=data_parallel)
 
 
 def running_baseline_builder(per: str):

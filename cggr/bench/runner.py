@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .parallel import agree, barrier, local_device
 from . import data as D
 from .configs import StepContext, get_config, router_depth
 from .report import read_run_file
@@ -77,12 +78,16 @@ def run_name(regime, config, ratio, seed) -> str:
 
 
 class Bench:
-    def __init__(self, settings: Settings, corpus: D.Corpus, log=print):
+    def __init__(self, settings: Settings, corpus: D.Corpus, log=print, process_group=None):
+        """``process_group``: a ``cggr.bench.parallel.ProcessGroupInfo`` (torchrun) or None. Every rank
+        runs every run; rank 0 writes the run files."""
         s = self.s = settings
+        self.process_group = process_group
+        self.leader = process_group is None or process_group.rank == 0
         if s.regime not in REGIMES:
             raise ValueError(f"regime must be one of {REGIMES}, got {s.regime!r}")
         self.corpus, self.log = corpus, log
-        self.device = torch.device(s.device)
+        self.device = torch.device(local_device(s.device, process_group))
         self.autocast = autocast_for(self.device, s.dtype)
         self.weights_dtype = weights_dtype(s.dtype)
         self.fields = s.key_fields(corpus.path)
@@ -278,7 +283,7 @@ class Bench:
                 estimate = longest if longest is not None else self._estimate(self.s.budget)
                 if seed not in prepared:
                     estimate += self._prepare_estimate(seed)
-                if time.monotonic() + estimate > deadline:
+                if agree(time.monotonic() + estimate > deadline, self.process_group):
                     left = sum(not os.path.exists(os.path.join(self.runs_dir, run_name(self.s.regime, n, r, sd) + ".json"))
                                for sd, n, r in plan[i:])
                     self.log(f"{self.s.regime}: --max-wall reached: {left} runs left; run the same command again "
@@ -295,9 +300,11 @@ class Bench:
             start = time.monotonic()
             record = self._run_one(seed, name, ratio, prepared[seed])
             longest = max(longest or 0.0, time.monotonic() - start)
-            with open(path + ".tmp", "w") as f:
-                json.dump(record, f, indent=1)
-            os.replace(path + ".tmp", path)
+            if self.leader:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(record, f, indent=1)
+                os.replace(path + ".tmp", path)
+            barrier(self.process_group)  # every rank sees the file before it looks for the next run's
             written.append(path)
         return written, 0
 
@@ -332,7 +339,7 @@ class Bench:
         ctx = StepContext(seed=seed, selection_warmup_steps=s.selection_warmup_steps,
                           router_layers=min(s.router_layers, model.config.num_hidden_layers - 1),
                           num_sources=len(self.corpus.sources), num_train_rows=len(self.train_rows),
-                          forward_impl=s.forward_impl)
+                          forward_impl=s.forward_impl, data_parallel=s.data_parallel)
         if self.s.regime == "target":
             ctx.target_source_id = self.corpus.sources.index(s.target_source)
             ctx.reference_token_nll = prep["reference"]["nll"]
@@ -340,7 +347,8 @@ class Bench:
         label = f"{s.regime} {name}{'' if ratio is None else f' r={ratio:g}'} s{seed}"
         result = train(model, self.configs[name].build, ratio, ctx, self.train_rows, self.val, self.budget,
                        self.optim, s.batch_size, self.device, self.autocast, s.untimed_warmup_steps,
-                       label=label, log=self.log, compile_blocks=s.compile, clock=s.clock)
+                       label=label, log=self.log, compile_blocks=s.compile, clock=s.clock,
+                       process_group=self.process_group)
         test = Evaluator(D.eval_rows(self.corpus, "test", self.row_len, s.eval_rows), s.eval_batch_size,
                          self.device, self.autocast)(model)
         record = {

@@ -12,6 +12,7 @@ REGIMES = ("pretrain", "finetune", "target")
 CLOCKS = ("step", "span")
 COMPILE_MODES = ("blocks", "blocks-cudagraphs")
 FORWARD_IMPLS = ("model", "trunk")  # cggr.options.FORWARD_IMPLS, for every training of the bench
+DATA_PARALLEL = ("per_rank", "global")  # cggr.distributed.SELECTIONS, under torchrun
 PRESET_NAMES = ("tiny", "small", "medium", "smollm-135m")  # cggr.bench.models.PRESETS (a test checks)
 EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # bf16: autocast over float32 weights (float32 master weights and optimizer state).
@@ -54,6 +55,8 @@ class Settings:
     compile: Optional[str] = None  # a mode of models.COMPILE_MODES: every training of the bench (runs, stage 1, reference)
     clock: str = "step"  # train.CLOCKS: a synchronisation around every step, or only at evaluations ("span")
     forward_impl: str = "model"  # cggr.model.FORWARD_IMPLS: how every training of the bench runs the model
+    world_size: int = 1  # processes of a torchrun launch (cggr.bench.parallel): batch_size rows split across them
+    data_parallel: str = "per_rank"  # selection with world_size > 1: per rank, or over the global batch
     out: str = "bench_out"
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "cggr", "bench")  # tokens, stage-1 checkpoints, reference NLL: large, kept out of OUT
 
@@ -73,6 +76,9 @@ class Settings:
             fields.pop("clock")  # likewise for the default clock
         if self.forward_impl == "model":
             fields.pop("forward_impl")  # and the model's own forward
+        if self.world_size == 1:
+            fields.pop("world_size")  # and one process
+            fields.pop("data_parallel")
         fields["corpus"] = os.path.basename(corpus_path)  # the token file name carries the content hash
         return fields
 

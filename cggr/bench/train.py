@@ -28,6 +28,7 @@
 import copy
 import dataclasses
 import math
+import os
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from .configs import Batch, Step, StepContext, to_device
+from .parallel import average_gradients, local_slice
 from .data import RowSet, batch_order
 from .models import begin_graph_step, compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
@@ -181,22 +183,25 @@ class TrainedRowSources:
 def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepContext, train_rows: RowSet,
           evaluator: Evaluator, budget: Budget, optim: OptimConfig, batch_size: int, device, autocast,
           untimed_warmup_steps: int = 2, label: str = "", log=print, compile_blocks: Optional[str] = None,
-          clock: str = "step") -> RunResult:
+          clock: str = "step", process_group=None) -> RunResult:
     """Train ``model`` in place with the configuration ``build`` until the budget is spent.
 
     ``compile_blocks``: None (eager) or a mode of ``cggr.bench.models.COMPILE_MODES``; ``clock``: one of
-    ``CLOCKS`` (module docstring).
+    ``CLOCKS`` (module docstring). ``process_group``: a ``cggr.bench.parallel.ProcessGroupInfo`` to train
+    data-parallel (this rank's share of every global batch of ``batch_size`` rows, gradients averaged), or
+    None; only rank 0 prints progress.
     """
+    pg = process_group
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     device = torch.device(device)
     if untimed_warmup_steps > 0:
-        _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps)
+        _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, untimed_warmup_steps, pg)
     if compile_blocks:
         compile_decoder_blocks(model, compile_blocks)
         # CUDA graph trees run a block eagerly once, record it the next time, replay after: 3 passes
         _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast,
-                               n=3 if compile_blocks == "blocks-cudagraphs" else 2)
+                               n=3 if compile_blocks == "blocks-cudagraphs" else 2, process_group=pg)
     graphs_in_clock = 0
     torch.manual_seed(ctx.seed)  # any torch-side randomness of a configuration starts from the run seed
     step_obj = build(model, ratio, ctx)
@@ -211,7 +216,9 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     loss_steps = 0
     next_eval = 0.0
     diverged = False
-    progress = Progress(label, budget.amount, "s" if budget.kind == "time" else "tok")
+    quiet = pg is not None and pg.rank != 0
+    progress = Progress(label, budget.amount, "s" if budget.kind == "time" else "tok",
+                        stream=open(os.devnull, "w") if quiet else None)
 
     span_start = None  # clock='span': perf_counter() at the start of the open span (after a synchronisation)
 
@@ -257,7 +264,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         lr = lr_at(used() / budget.amount, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = next(order)
+        idx = local_slice(next(order), pg)  # the same global batch on every rank, this rank's share
         graphs_before = compiled_graph_count() if compile_blocks else 0
         if clock == "step" or span_start is None:
             _sync(device)
@@ -265,7 +272,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         if clock == "span" and span_start is None:
             span_start = start
         batch = _batch(train_rows, idx, device)  # inside the clock, as the data loading it stands for
-        loss = training_step(step_obj, batch, optimizer, autocast, optim.grad_clip)
+        loss = training_step(step_obj, batch, optimizer, autocast, optim.grad_clip, pg)
         loss_sum += loss.float()
         host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
         trained_sources.add(batch, step_obj.selected_rows())
@@ -291,13 +298,16 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
                      graphs_in_clock if compile_blocks else None, trained_sources.share())
 
 
-def training_step(step_obj: Step, batch: Batch, optimizer, autocast, grad_clip: float) -> torch.Tensor:
-    """One step of the loop (loss, backward, clipping, optimizer, the step object's bookkeeping), issued
-    without any host synchronisation; returns the detached loss."""
+def training_step(step_obj: Step, batch: Batch, optimizer, autocast, grad_clip: float,
+                  process_group=None) -> torch.Tensor:
+    """One step of the loop (loss, backward, the gradients averaged over the ranks when data-parallel,
+    clipping, optimizer, the step object's bookkeeping), issued without any host synchronisation; returns
+    the detached loss (this rank's)."""
     begin_graph_step()
     with autocast():
         loss = step_obj.loss(batch)
     loss.backward()
+    average_gradients(step_obj.module.parameters(), process_group)
     torch.nn.utils.clip_grad_norm_(step_obj.module.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -309,19 +319,21 @@ def _batch(rows: RowSet, idx: np.ndarray, device) -> Batch:
     return Batch(to_device(rows.rows[idx], device), to_device(idx, device), rows.source_ids[idx], idx)
 
 
-def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, n):
+def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, autocast, n, process_group=None):
     """A few steps on a deep copy (its own optimizer), discarded: nothing of it reaches the timed run."""
     clone = copy.deepcopy(model)
     step_obj = build(clone, ratio, ctx)
     optimizer = make_optimizer(step_obj.module, optim, device)
     order = batch_order(len(train_rows), batch_size, ctx.seed + 1_000_003)
     for _ in range(n):
-        training_step(step_obj, _batch(train_rows, next(order), device), optimizer, autocast, optim.grad_clip)
+        training_step(step_obj, _batch(train_rows, local_slice(next(order), process_group), device), optimizer,
+                      autocast, optim.grad_clip, process_group)
     _sync(device)
     del clone, step_obj, optimizer
 
 
-def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast, n=2):
+def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, device, autocast, n=2,
+                           process_group=None):
     """Forward + backward of a throw-away step object on ``model`` itself (compiled blocks are per module
     instance, so a copy would not do), gradients dropped and no optimizer step: the weights stay as they
     were, and every graph a timed step needs exists before the clock starts."""
@@ -330,7 +342,7 @@ def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, dev
     for _ in range(n):
         begin_graph_step()
         with autocast():
-            loss = step_obj.loss(_batch(train_rows, next(order), device))
+            loss = step_obj.loss(_batch(train_rows, local_slice(next(order), process_group), device))
         loss.backward()
         model.zero_grad(set_to_none=True)
     _sync(device)

@@ -1,0 +1,87 @@
+"""``cggr bench`` on several processes: ``torchrun --nproc-per-node N -m cggr bench ...``.
+
+The protocol is the single-process one with the batch split across ranks: every step draws the same global
+batch of ``--batch-size`` rows (same order, same seed), rank r trains rows ``[r * B / N, (r + 1) * B / N)``
+of it, and the gradients are averaged over the ranks after the backward (one all-reduce of the flattened
+gradients: DDP's arithmetic, without DDP's overlap of communication with the backward), so every rank
+holds the same weights after every step. A selective configuration keeps ``ceil(r * B / N)`` rows per rank
+(``cggr.DataParallel``: per-rank selection by default, ``--data-parallel global`` for selection over the
+global batch). Budgets count the global batch's tokens; time is the wall time of the (synchronised) step.
+Rank 0 logs and writes the reports; stage-1 checkpoints and reference models are trained once (the first
+rank to take ``--cache-dir``'s lock) and loaded by the others.
+"""
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroupInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def init_from_env(device: str) -> Optional[ProcessGroupInfo]:
+    """The process group of a ``torchrun`` launch (WORLD_SIZE > 1 in the environment), initialised here
+    (NCCL on CUDA, gloo on the CPU); None for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def local_device(device: str, info: Optional[ProcessGroupInfo]) -> str:
+    """``cuda`` becomes this rank's GPU (``cuda:LOCAL_RANK``)."""
+    if info is not None and device == "cuda":
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def local_slice(idx, info: Optional[ProcessGroupInfo]):
+    """This rank's contiguous share of a global batch's row indices."""
+    if info is None:
+        return idx
+    per_rank = len(idx) // info.world_size
+    return idx[info.rank * per_rank:(info.rank + 1) * per_rank]
+
+
+def average_gradients(parameters, info: Optional[ProcessGroupInfo]):
+    """Every rank's gradients replaced by their mean over the ranks (one all-reduce). A parameter without a
+    gradient on this rank takes part with zeros, so that every rank issues the same collective."""
+    if info is None:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def agree(value: bool, info: Optional[ProcessGroupInfo]) -> bool:
+    """Rank 0's decision, on every rank (decisions that must not diverge, e.g. --max-wall's)."""
+    if info is None:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: Optional[ProcessGroupInfo]):
+    if info is not None:
+        dist.barrier()
