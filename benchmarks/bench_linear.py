@@ -10,6 +10,8 @@ For each shape (N tokens, H hidden, V vocabulary), in one run on one GPU, with f
   eager               logits = h @ W.T in the input dtype, F.cross_entropy(logits, t), backward
   liger               liger_kernel's LigerFusedLinearCrossEntropyLoss (when installed)
   cce                 cut_cross_entropy.linear_cross_entropy (when installed)
+  torch lce           torch.nn.functional.linear_cross_entropy, chunked (LinearCrossEntropyOptions();
+                      torch >= 2.13, else said once and left out)
   matmul floor        6NHV flops at the bf16 matmul rate measured in the same run (a large square mm);
                       "ideal r" = (2 + 6r) NHV at that rate (forward matmul + recompute + two backward
                       matmuls on the selected rows)
@@ -40,7 +42,7 @@ from cggr import ops
 
 # run as a script (python benchmarks/bench_linear.py): the repository root holds the `benchmarks` package
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.comparators import load_cut_cross_entropy, load_liger  # noqa: E402
+from benchmarks.comparators import load_cut_cross_entropy, load_liger, load_torch_linear_cross_entropy  # noqa: E402
 
 DEVICE = "cuda"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -121,6 +123,9 @@ def methods(h, w, t, ratios):
     cce = load_cut_cross_entropy()
     if cce is not None:
         out["cce"] = (lambda: cce.linear_cross_entropy(h, w, t).backward(), None)
+    torch_lce = load_torch_linear_cross_entropy()
+    if torch_lce is not None:
+        out["torch lce"] = (lambda: torch_lce(h, w, t).backward(), None)
     return out
 
 

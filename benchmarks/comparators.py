@@ -1,4 +1,5 @@
-"""Load the comparison packages (Liger-Kernel, cut-cross-entropy, cggr 0.5.0) when they are present.
+"""Load the comparison packages (Liger-Kernel, cut-cross-entropy, cggr 0.5.0, torch's own linear_cross_entropy)
+when they are present.
 
 Each loader returns None with the reason printed once when a package is missing: a benchmark
 reports "not installed" instead of a number, never a silently substituted one.
@@ -33,6 +34,16 @@ def load_cut_cross_entropy():
     if importlib.util.find_spec("cut_cross_entropy") is None:
         return _missing("cut-cross-entropy", "package not installed")
     return importlib.import_module("cut_cross_entropy")
+
+
+def load_torch_linear_cross_entropy():
+    """torch.nn.functional.linear_cross_entropy with its chunked path (torch >= 2.13), or None (said once)."""
+    import torch
+
+    if not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return _missing("torch linear_cross_entropy", f"torch {torch.__version__} has none (added in 2.13)")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda h, w, t: torch.nn.functional.linear_cross_entropy(h, w, t, options=options)
 
 
 def load_cggr_v050():

@@ -54,6 +54,8 @@ _EXPORTS = {
     "RouterSettings": "policies",
     "StepOptions": "options",
     "DataParallel": "distributed",
+    "ConfidenceGate": "pruning",
+    "ConfidenceGatedSampler": "pruning",
     "RatioSchedule": "schedule",
     "create_truncated_router": "router",
     "ModelTrunk": "router",

@@ -348,7 +348,33 @@ def trainer_ddp():
     return {"worst_rel_err": worst, "rows_per_rank": all_rows, "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)}
 
 
+def gate_sampler():
+    """ConfidenceGatedSampler on every rank: each trains its share of a pass and reports its rows' losses;
+    after update (all-gathered) every rank holds the table one process would, and draws the same plan."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = 23
+    losses = torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()
+    sampler = cggr.ConfidenceGatedSampler(n, num_epochs=4, seed=2)
+    sampler.set_epoch(0)
+    mine = torch.tensor(list(sampler))
+    for chunk in mine.split(3):  # batches of 3 (the last one shorter: equal on every rank)
+        sampler.update(chunk.to(DEVICE), losses[chunk].to(DEVICE))
+    sampler.set_epoch(1)
+    single = cggr.ConfidenceGatedSampler(n, num_epochs=4, seed=2, num_replicas=1, rank=0)
+    single.update(torch.arange(n), losses)
+    single.set_epoch(1)
+    tables = [None] * world
+    dist.all_gather_object(tables, sampler.scores.tolist())
+    parts = [None] * world
+    dist.all_gather_object(parts, list(sampler))
+    return {"tables_equal": all(t == tables[0] for t in tables),
+            "table_is_single": torch.equal(sampler.scores, single.scores),
+            "union_is_single": sorted(set(i for p in parts for i in p)) == sorted(single),
+            "rows_per_rank": [len(p) for p in parts]}
+
+
 SCENARIOS = {
+    "gate_sampler": gate_sampler,
     "trainer_ddp": trainer_ddp,
     "fsdp_inner_root": fsdp_inner_root,
     "fsdp_inner_root_fused": lambda: fsdp_inner_root(fused=True),

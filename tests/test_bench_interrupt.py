@@ -63,3 +63,13 @@ def test_a_corrupt_run_file_is_named(tmp_path):
     (runs / "pretrain__standard__rfull__s0.json").write_text('{"something": "else"}')
     with pytest.raises(ValueError, match=r"not a cggr bench run file \(no regime, config"):
         report.load_runs(str(tmp_path))
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"val_loss_pretrain.png.tmp{dead.pid}").write_text("half a plot")
+    (tmp_path / f"summary.md.tmp{os.getpid()}").write_text("a live writer's")  # this process: alive
+    (tmp_path / "notes.tmp").write_text("not ours (no pid)")
+    report.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp", f"summary.md.tmp{os.getpid()}"]

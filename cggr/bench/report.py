@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -302,7 +303,25 @@ def plot(runs: List[dict], out: str, log=print) -> List[str]:
     return written
 
 
+def remove_stale_temporaries(folder: str):
+    """Delete ``NAME.tmpPID`` files (``atomic_open``) of processes that are gone: what a killed report
+    writer leaves behind. A live process's temporary (another writer) is left alone."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        match = re.search(r"\.tmp(\d+)$", name)
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(folder, name))
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def write_reports(out: str, log=print) -> Dict[str, str]:
+    remove_stale_temporaries(out)
     runs = load_runs(out)
     summary = summarize(runs)
     paths = {"table": os.path.join(out, "summary.md"), "json": os.path.join(out, "results.json"),
