@@ -67,6 +67,9 @@ class ConfidenceGatedSampler(Sampler):
         num_replicas, rank: data-parallel ranks (default: the initialised default process group, else 1, 0).
             Each rank iterates every ``num_replicas``-th kept index (the list padded by its first entries
             to a multiple, as ``DistributedSampler`` does; ``drop_last=True`` drops the remainder instead).
+        sync_updates: all-gather every ``update`` over the default process group (default: when one is
+            initialised with more than one process). Pass ``num_replicas=1, rank=0, sync_updates=True`` when
+            something else shards the batches (accelerate's prepared dataloader).
 
     Call ``set_epoch(epoch)`` before each pass (as for ``DistributedSampler``; ``DataLoader`` does not),
     ``update(indices, row_losses)`` after each training forward, and weight each row's loss by
@@ -75,7 +78,7 @@ class ConfidenceGatedSampler(Sampler):
 
     def __init__(self, num_samples: int, num_epochs: int, gate: Optional[ConfidenceGate] = None, seed: int = 0,
                  shuffle: bool = True, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 drop_last: bool = False):
+                 drop_last: bool = False, sync_updates: Optional[bool] = None):
         self.num_samples = _check_int("num_samples", num_samples, 1)
         self.num_epochs = _check_int("num_epochs", num_epochs, 1)
         self.gate = ConfidenceGate() if gate is None else gate
@@ -86,6 +89,7 @@ class ConfidenceGatedSampler(Sampler):
         self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
         self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
         _check_int("num_replicas", self.num_replicas, 1)
+        self.sync_updates = (distributed and dist.get_world_size() > 1) if sync_updates is None else bool(sync_updates)
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
         # NaN: never trained (unknown: never well fit). float64: a mean over millions of rows stays exact.
@@ -95,16 +99,23 @@ class ConfidenceGatedSampler(Sampler):
 
     # -- the plan of a pass ---------------------------------------------------------------------------------
     def set_epoch(self, epoch: int):
-        """Choose pass ``epoch``'s rows from the scores as they are now (call before iterating)."""
-        self.epoch = _check_int("epoch", epoch, 0)
-        self._plan = self._make_plan(self.epoch)
+        """Choose pass ``epoch``'s rows from the scores as they are now (call before iterating). A pass is
+        drawn once: setting the current pass again keeps its plan (a resumed run's, from the checkpoint)."""
+        epoch = _check_int("epoch", epoch, 0)
+        if epoch != self.epoch or self._plan is None:
+            self.epoch = epoch
+            self._plan = self._make_plan(epoch)
 
     def _make_plan(self, epoch):
-        gen = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + epoch) % (1 << 63))
+        return self._draw_plan(epoch, self.gate.full_pass(epoch, self.num_epochs))
+
+    def _draw_plan(self, key: int, full: bool):
+        """(order, weights) of one pass from the scores as they are now; ``key`` seeds its draws."""
+        gen = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + key) % (1 << 63))
         weights = torch.ones(self.num_samples, dtype=torch.float32)
         keep = torch.ones(self.num_samples, dtype=torch.bool)
         known = ~torch.isnan(self.scores)
-        if self.gate.prune_ratio > 0 and known.any() and not self.gate.full_pass(epoch, self.num_epochs):
+        if self.gate.prune_ratio > 0 and known.any() and not full:
             well_fit = known & (self.scores < self.scores[known].mean())
             drawn = torch.rand(self.num_samples, generator=gen) < self.gate.prune_ratio
             keep = ~(well_fit & drawn)
@@ -149,7 +160,7 @@ class ConfidenceGatedSampler(Sampler):
             raise ValueError(f"row_losses: expected a tensor of shape {tuple(indices.shape)} (one loss per index), "
                              f"got {tuple(row_losses.shape) if isinstance(row_losses, torch.Tensor) else type(row_losses).__name__}")
         values = row_losses.detach().to(torch.float64)
-        if self.num_replicas > 1 and dist.is_available() and dist.is_initialized():
+        if self.sync_updates:
             indices, values = _all_gather(indices.to(row_losses.device)), _all_gather(values)
         # a row whose loss is not finite (nothing trained in it) keeps its earlier score
         finite = torch.isfinite(values)
@@ -191,6 +202,82 @@ class ConfidenceGatedSampler(Sampler):
         self.scores = scores.to(torch.float64).clone()
         self.epoch = int(state["epoch"])
         self._plan = (state["order"].to(torch.int64).clone(), state["weights"].to(torch.float32).clone())
+
+
+class ConfidenceGatedStream(ConfidenceGatedSampler):
+    """The passes of ``ConfidenceGatedSampler`` as one stream, cut into epochs of ``num_samples`` rows: the
+    fixed-length epochs that the Hugging Face Trainer's step accounting (and its resume) assumes. A pass
+    ends when its kept rows are used up and the next is drawn from the scores at that moment, so an epoch
+    may span several (shorter) passes: the same number of steps trains more passes. The annealing tail is
+    the last ``anneal`` fraction of the stream (``num_epochs * num_samples`` rows): passes that start
+    there use every row.
+
+    Iteration yields ``(dataset index, loss weight)`` pairs (``cggr.hf.gate.IndexedDataset`` takes them),
+    so that a batch fetched ahead of training keeps the weights of the pass it was drawn in. The passes
+    that overlap the current epoch are kept (and saved), so a resumed run iterates the same rows; positions
+    before them (skipped by the Trainer on resume) yield a placeholder row of weight 0. One process's
+    stream: accelerate (or the caller) shards its batches; ``update`` all-gathers with ``sync_updates``.
+    """
+
+    def __init__(self, num_samples: int, num_epochs: int, gate: Optional[ConfidenceGate] = None, seed: int = 0,
+                 sync_updates: Optional[bool] = None):
+        super().__init__(num_samples, num_epochs, gate, seed, shuffle=True, num_replicas=1, rank=0,
+                         sync_updates=sync_updates)
+        self._passes = []  # [(stream start, order, weights)] in stream order, the last one current
+        self.pass_index = -1
+
+    def set_epoch(self, epoch: int):
+        self.epoch = _check_int("epoch", epoch, 0)
+        start = self.epoch * self.num_samples
+        self._passes = [p for p in self._passes if p[0] + p[1].numel() > start] or self._passes[-1:]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _next_pass(self):
+        start = self._passes[-1][0] + self._passes[-1][1].numel() if self._passes else 0
+        self.pass_index += 1
+        full = start >= (1.0 - self.gate.anneal) * self.num_epochs * self.num_samples
+        self._passes.append((start, *self._draw_plan(self.pass_index, full)))
+
+    def __iter__(self):
+        start = self.epoch * self.num_samples
+        for position in range(start, start + self.num_samples):
+            if not self._passes:
+                self._next_pass()
+            while position >= self._passes[-1][0] + self._passes[-1][1].numel():
+                self._next_pass()
+            for first, order, weights in self._passes:
+                if first <= position < first + order.numel():
+                    index = int(order[position - first])
+                    yield index, float(weights[index])
+                    break
+            else:  # before every kept pass: a position the resumed Trainer skips
+                yield int(self._passes[0][1][0]), 0.0
+
+    def _this_pass(self):
+        if not self._passes:
+            self._next_pass()
+        return self._passes[-1][1:]
+
+    def pass_stats(self) -> dict:
+        stats = super().pass_stats()
+        start = self._passes[-1][0] if self._passes else 0
+        stats.update(epoch=self.epoch, pass_index=max(self.pass_index, 0),
+                     full_pass=start >= (1.0 - self.gate.anneal) * self.num_epochs * self.num_samples)
+        return stats
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(pass_index=self.pass_index, passes=[(start, order.clone(), weights.clone())
+                                                         for start, order, weights in self._passes])
+        return state
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        self.pass_index = int(state["pass_index"])
+        self._passes = [(int(start), order.to(torch.int64), weights.to(torch.float32))
+                        for start, order, weights in state["passes"]]
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:

@@ -351,7 +351,7 @@ def trainer_ddp():
 def gate_sampler():
     """ConfidenceGatedSampler on every rank: each trains its share of a pass and reports its rows' losses;
     after update (all-gathered) every rank holds the table one process would, and draws the same plan."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     n = 23
     losses = torch.rand(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64).float()
     sampler = cggr.ConfidenceGatedSampler(n, num_epochs=4, seed=2)
@@ -373,7 +373,38 @@ def gate_sampler():
             "rows_per_rank": [len(p) for p in parts]}
 
 
+def trainer_gate():
+    """CGGRTrainer with a ConfidenceGate under torchrun DDP: accelerate shards the stream's batches, every
+    rank all-gathers the rows' losses: the same score table and the same passes on every rank."""
+    import tempfile
+
+    import transformers as tf
+
+    from cggr.hf import CGGRConfig, CGGRTrainer
+
+    world = dist.get_world_size()
+    gen = torch.Generator().manual_seed(7)
+    data = [{"input_ids": torch.randint(1, VOCAB, (T,), generator=gen).tolist()} for _ in range(8 * world)]
+
+    def collate(features):
+        ids = torch.tensor([f["input_ids"] for f in features])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    args = tf.TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, num_train_epochs=4,
+                                report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, optim="sgd",
+                                learning_rate=0.5, seed=0, logging_steps=1, ddp_backend="gloo")
+    trainer = CGGRTrainer(model=tiny_llama(), args=args, train_dataset=data, data_collator=collate,
+                          cggr_config=CGGRConfig(policy=cggr.ConfidenceGate(prune_ratio=0.5, anneal=0.25)))
+    trainer.train()
+    sampler = trainer.cggr_gate.sampler
+    tables = [None] * world
+    dist.all_gather_object(tables, (sampler.scores.tolist(), sampler.pass_index))
+    return {"tables_equal": all(t == tables[0] for t in tables), "scored_all": not torch.isnan(sampler.scores).any().item(),
+            "passes": sampler.pass_index + 1, "steps": trainer.state.global_step}
+
+
 SCENARIOS = {
+    "trainer_gate": trainer_gate,
     "gate_sampler": gate_sampler,
     "trainer_ddp": trainer_ddp,
     "fsdp_inner_root": fsdp_inner_root,

@@ -17,7 +17,7 @@ TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets
              "ddp_global_random", "fsdp_global_hardest", "mismatched_ratio", "mismatched_seed",
              "rows_differ_per_rank", "rows_differ_global", "loss_module", "ddp_fused", "fsdp_fused",
              "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
-             "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler"]
+             "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest",
                "gate_sampler"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
@@ -124,6 +124,12 @@ def test_confidence_gated_sampler_tables_agree_across_ranks(request, world):
     for r in outcome(request.getfixturevalue("two" if world == 2 else "three"), "gate_sampler"):
         assert r["tables_equal"] and r["table_is_single"] and r["union_is_single"]
         assert len(set(r["rows_per_rank"])) == 1
+
+
+def test_trainer_with_a_confidence_gate_under_ddp(two):
+    for r in outcome(two, "trainer_gate"):
+        assert r["tables_equal"] and r["scored_all"]
+        assert r["steps"] == 16 and r["passes"] >= 4  # 4 epochs of 16 rows, 2 ranks x 2 rows per step
 
 
 def test_loss_module_group_mean(two):

@@ -147,3 +147,23 @@ def test_gated_loss_with_unit_weights_is_the_models_loss():
     doubled, _ = gated_causal_lm_loss(out.logits, labels, torch.tensor([2.0, 1.0, 1.0]))
     copies = model(input_ids=torch.cat([ids[:1], ids[:2]]), labels=torch.cat([labels[:1], labels[:2]])).loss
     torch.testing.assert_close(doubled, copies)
+
+
+def test_stream_epochs_have_a_fixed_length_and_more_passes():
+    from cggr.pruning import ConfidenceGatedStream
+
+    n = 20
+    stream = ConfidenceGatedStream(n, num_epochs=4, gate=ConfidenceGate(prune_ratio=0.6, anneal=0.25), seed=2)
+    losses = torch.rand(n, generator=torch.Generator().manual_seed(3))
+    seen = []
+    for epoch in range(4):
+        stream.set_epoch(epoch)
+        pairs = list(stream)
+        assert len(pairs) == len(stream) == n  # the Trainer's epoch: n rows, whatever the passes
+        for index, weight in pairs:
+            stream.update(torch.tensor([index]), losses[index:index + 1])
+        seen.append(pairs)
+    assert stream.pass_index >= 4  # 5+ passes in 4 epochs of rows: pruned passes are shorter
+    assert {w for _, w in seen[0]} == {1.0}  # the first pass: nothing known, every row, weight 1
+    assert {round(w, 4) for pairs in seen[1:3] for _, w in pairs} == {1.0, 2.5}  # kept well-fit rows: 1 / (1 - 0.6)
+    assert {w for _, w in seen[3][-5:]} == {1.0}  # the tail (last quarter of the stream): full passes

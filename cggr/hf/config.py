@@ -9,7 +9,8 @@ from typing import Optional, Union
 from torch import nn
 
 from ..options import StepOptions
-from ..policies import POLICY_AUTO, ExcessLossRows, RowPolicy, resolve_policy
+from ..policies import POLICY_AUTO, ExcessLossRows, RandomRows, RowPolicy, resolve_policy
+from ..pruning import ConfidenceGate
 from ..reference import ReferenceModel
 from ..schedule import SCHEDULES, RatioSchedule, check_ratio
 
@@ -23,7 +24,9 @@ class CGGRConfig:
     """Settings of ``CGGRTrainer`` / ``CGGRSFTTrainer``.
 
     Args:
-        policy: ``'auto'`` or a ``cggr.RowPolicy``. ``'auto'``: ``ExcessLossRows()`` when a ``reference`` is
+        policy: ``'auto'``, a ``cggr.RowPolicy``, or a ``cggr.ConfidenceGate`` (prunes well-fit examples
+            from each epoch before the forward, and trains every row of the batches it keeps: the ratio
+            settings do not apply; cggr/hf/gate.py). ``'auto'``: ``ExcessLossRows()`` when a ``reference`` is
             given (the measured default with a reference), else ``RandomRows()``.
         min_tokens_ratio: the fraction of rows kept once the curriculum reaches its floor, in (0, 1].
         warmup_steps: optimizer steps from ratio 1.0 down to ``min_tokens_ratio``.
@@ -45,7 +48,7 @@ class CGGRConfig:
         log_metrics: add a ``CGGRCallback`` that logs the kept ratio, the router's share of step time and
             the selected rows' mean score through the Trainer's log.
     """
-    policy: Union[str, RowPolicy] = POLICY_AUTO
+    policy: Union[str, RowPolicy, ConfidenceGate] = POLICY_AUTO
     min_tokens_ratio: float = 0.25
     warmup_steps: int = 1000
     schedule: Union[str, RatioSchedule] = "linear"
@@ -71,6 +74,9 @@ class CGGRConfig:
             raise ValueError(f"CGGRConfig.log_metrics must be a bool, got {self.log_metrics!r}")
         self._check_step_options()
         self._check_reference()
+        if self.gate is not None and self.reference is not None:
+            raise ValueError("CGGRConfig: ConfidenceGate scores examples by the model's own training loss and uses "
+                             "no reference; drop reference=")
         policy = self.resolved_policy()
         if policy.loss_norm != "selected":
             raise ValueError(f"CGGRConfig: {policy!r} weights the selected rows' loss (loss_norm="
@@ -119,8 +125,16 @@ class CGGRConfig:
             raise TypeError(f"CGGRConfig.reference must be None, a cggr.ReferenceModel, a causal LM (nn.Module) or "
                             f"a dataset column name (str), got {type(ref).__name__}")
 
+    @property
+    def gate(self):
+        """The ``ConfidenceGate`` when the policy is one, else None."""
+        return self.policy if isinstance(self.policy, ConfidenceGate) else None
+
     def resolved_policy(self) -> RowPolicy:
-        """The policy object the trainer uses (``'auto'`` resolved as documented above)."""
+        """The policy object the trainer uses (``'auto'`` resolved as documented above; with a
+        ``ConfidenceGate``, ``RandomRows()`` at ratio 1: every row of a kept batch trains)."""
+        if self.gate is not None:
+            return RandomRows()
         if isinstance(self.policy, str) and self.policy == POLICY_AUTO and self.reference is not None:
             return ExcessLossRows()
         return resolve_policy(self.policy, router_given=False)
@@ -140,6 +154,8 @@ class CGGRConfig:
         """Keyword arguments of ``CGGRModel`` (besides the model)."""
         kwargs = dict(policy=self.resolved_policy(), schedule=self.schedule,
                       step_options=self.step_options, seed=self.seed)
+        if self.gate is not None:
+            return dict(kwargs, schedule="constant", min_tokens_ratio=1.0, warmup_steps=0)
         if not isinstance(self.schedule, RatioSchedule):
             kwargs.update(min_tokens_ratio=self.min_tokens_ratio, warmup_steps=self.warmup_steps)
         return kwargs

@@ -34,6 +34,7 @@ from ..reference import ReferenceModel
 from .batches import (REFERENCE_KEY, SELECTED_KEY, ReferenceColumnCollator, check_reference_vocab, packed_starts,
                       repack, scored_target_counts, take_rows, unpack)
 from .config import CGGRConfig
+from .gate import INDEX_KEY, WEIGHT_KEY, GateState, IndexCollator, IndexedDataset, gated_compute_loss
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "cggr_state.json"
@@ -120,6 +121,7 @@ class CGGRTrainerMixin:
         column = config.reference_column
         if column is not None:
             self.data_collator = ReferenceColumnCollator(self.data_collator, column)
+        self.cggr_gate = GateState(config.gate, config.seed) if config.gate is not None else None
         self.cggr_window = _Window()
         self._cggr_step_start = None
         if config.log_metrics:
@@ -146,6 +148,30 @@ class CGGRTrainerMixin:
         column = self.cggr_config.reference_column
         if column is not None and self._signature_columns is not None and column not in self._signature_columns:
             self._signature_columns = list(self._signature_columns) + [column]
+        if self.cggr_gate is not None and self._signature_columns is not None:
+            self._signature_columns = list(self._signature_columns) + [INDEX_KEY, WEIGHT_KEY]
+
+    # -- ConfidenceGate: the sampler and the examples' indices (cggr/hf/gate.py) ---------------------------
+    def get_train_dataloader(self):
+        if self.cggr_gate is None:
+            return super().get_train_dataloader()
+        import datasets
+
+        original, collator = self.train_dataset, self.data_collator
+        dataset = original
+        if isinstance(dataset, datasets.Dataset):  # what the Trainer does to it, before the index is added
+            dataset = self._remove_unused_columns(dataset, description="training")
+        self.train_dataset, self.data_collator = IndexedDataset(dataset), IndexCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = original, collator
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.cggr_gate is None:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        return self.cggr_gate.build(len(dataset), self.args)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
@@ -163,6 +189,8 @@ class CGGRTrainerMixin:
             logger.warning(f"{checkpoint} has no {STATE_FILE} (not saved by a cggr trainer): the CGGR curriculum "
                            f"continues from step {self.cggr_model.step_count}")
             return
+        if self.cggr_gate is not None and not self.cggr_gate.load(checkpoint):
+            logger.warning(f"{checkpoint} has no ConfidenceGate state: the scores start empty")
         with open(path) as f:
             state = json.load(f)
         saved = state.get("policy")
@@ -180,6 +208,8 @@ class CGGRTrainerMixin:
                      "policy": repr(self.cggr_model.policy), "curriculum_ratio": self.cggr_model.current_ratio}
             with open(os.path.join(folder, STATE_FILE), "w") as f:
                 json.dump(state, f, indent=2)
+            if self.cggr_gate is not None:
+                self.cggr_gate.save(folder)
 
     # -- row selection -------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -201,6 +231,12 @@ class CGGRTrainerMixin:
         return batches, self._cggr_num_items(batches, device)
 
     def _cggr_num_items(self, batches, device):
+        if self.cggr_gate is not None and batches and "labels" in batches[0]:
+            # the window's weighted target count (the gate's normaliser), summed over processes
+            total = self.cggr_gate.weighted_targets(batches).to(device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total.reshape(1)).sum()
+            return total
         counter = getattr(super(), "_get_num_items_in_batch", None)
         if counter is not None:
             return counter(batches, device)
@@ -271,6 +307,11 @@ class CGGRTrainerMixin:
         inputs = dict(inputs)
         selected = inputs.pop(SELECTED_KEY, False)
         inputs.pop(REFERENCE_KEY, None)
+        if self.cggr_gate is not None and INDEX_KEY in inputs and self.model.training:
+            loss, outputs = gated_compute_loss(self, model, inputs, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+        inputs.pop(INDEX_KEY, None)
+        inputs.pop(WEIGHT_KEY, None)
         if self.model.training and not selected and "labels" in inputs:
             # training_step called outside the Trainer's loop (no get_batch_samples): choose the rows here;
             # the loss is then normalised over this micro-batch's trained targets
@@ -286,7 +327,7 @@ class CGGRTrainerMixin:
                                     num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = {k: v for k, v in inputs.items() if k not in (REFERENCE_KEY, SELECTED_KEY)}
+        inputs = {k: v for k, v in inputs.items() if k not in (REFERENCE_KEY, SELECTED_KEY, INDEX_KEY, WEIGHT_KEY)}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # -- metrics -------------------------------------------------------------------------------------------
@@ -307,6 +348,9 @@ class CGGRTrainerMixin:
         metrics = window.metrics()
         metrics["cggr/curriculum_ratio"] = self.cggr_model.current_ratio
         metrics["cggr/step"] = self.cggr_model.step_count
+        if self.cggr_gate is not None and self.cggr_gate.sampler is not None:
+            stats = self.cggr_gate.sampler.pass_stats()
+            metrics["cggr/pruned_rows"] = stats["rows_pruned"] / stats["rows_total"]
         return metrics
 
 
