@@ -93,18 +93,38 @@ class ConfidenceGatedSampler(Sampler):
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"rank must be in [0, {self.num_replicas}), got {self.rank}")
         # NaN: never trained (unknown: never well fit). float64: a mean over millions of rows stays exact.
-        self.scores = torch.full((num_samples,), math.nan, dtype=torch.float64)
+        self._scores = torch.full((num_samples,), math.nan, dtype=torch.float64)
+        self._pending = []  # (indices, losses) reported by update, still on their device (no sync per step)
         self.epoch = 0
         self._plan = None  # (order [n] int64: this pass's kept indices, weights [num_samples] float32)
 
     # -- the plan of a pass ---------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int):
+    @property
+    def scores(self) -> torch.Tensor:
+        """[num_samples] float64 (CPU): each row's last reported loss, NaN if never trained."""
+        self._fold()
+        return self._scores
+
+    def _fold(self):
+        """Move the losses reported since the last call into the table (one device-to-host copy)."""
+        if not self._pending:
+            return
+        indices = torch.cat([i.reshape(-1) for i, _ in self._pending]).cpu()
+        values = torch.cat([v.reshape(-1) for _, v in self._pending]).cpu()
+        self._pending = []
+        finite = torch.isfinite(values)  # a row without targets keeps its earlier score
+        self._scores[indices[finite]] = values[finite]
+
+    def set_epoch(self, epoch: int, full_pass: Optional[bool] = None):
         """Choose pass ``epoch``'s rows from the scores as they are now (call before iterating). A pass is
-        drawn once: setting the current pass again keeps its plan (a resumed run's, from the checkpoint)."""
+        drawn once: setting the current pass again keeps its plan (a resumed run's, from the checkpoint).
+        ``full_pass``: None (the annealing tail of ``num_epochs``), or True / False to decide it here (a
+        loop that knows its progress by time rather than by passes)."""
         epoch = _check_int("epoch", epoch, 0)
         if epoch != self.epoch or self._plan is None:
             self.epoch = epoch
-            self._plan = self._make_plan(epoch)
+            full = self.gate.full_pass(epoch, self.num_epochs) if full_pass is None else bool(full_pass)
+            self._plan = self._draw_plan(epoch, full)
 
     def _make_plan(self, epoch):
         return self._draw_plan(epoch, self.gate.full_pass(epoch, self.num_epochs))
@@ -114,9 +134,10 @@ class ConfidenceGatedSampler(Sampler):
         gen = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + key) % (1 << 63))
         weights = torch.ones(self.num_samples, dtype=torch.float32)
         keep = torch.ones(self.num_samples, dtype=torch.bool)
-        known = ~torch.isnan(self.scores)
+        scores = self.scores
+        known = ~torch.isnan(scores)
         if self.gate.prune_ratio > 0 and known.any() and not full:
-            well_fit = known & (self.scores < self.scores[known].mean())
+            well_fit = known & (scores < scores[known].mean())
             drawn = torch.rand(self.num_samples, generator=gen) < self.gate.prune_ratio
             keep = ~(well_fit & drawn)
             weights[well_fit & keep] = 1.0 / (1.0 - self.gate.prune_ratio)
@@ -162,15 +183,14 @@ class ConfidenceGatedSampler(Sampler):
         values = row_losses.detach().to(torch.float64)
         if self.sync_updates:
             indices, values = _all_gather(indices.to(row_losses.device)), _all_gather(values)
-        # a row whose loss is not finite (nothing trained in it) keeps its earlier score
-        finite = torch.isfinite(values)
-        self.scores[indices.cpu()[finite.cpu()]] = values.cpu()[finite.cpu()]
+        self._pending.append((indices, values))  # folded in when a plan is drawn or the scores are read
 
     def _check_indices(self, indices):
         if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
             raise ValueError(f"indices: expected a 1-D int64 tensor of dataset indices, got "
                              f"{(tuple(indices.shape), indices.dtype) if isinstance(indices, torch.Tensor) else type(indices).__name__}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
+        if indices.numel() and indices.device.type == "cpu" and (int(indices.min()) < 0
+                                                                  or int(indices.max()) >= self.num_samples):
             raise ValueError(f"indices: dataset indices must be in [0, {self.num_samples}), got "
                              f"{int(indices.min())}..{int(indices.max())}")
         return indices
@@ -199,7 +219,8 @@ class ConfidenceGatedSampler(Sampler):
         mine = (dataclasses.asdict(self.gate), self.num_epochs, self.seed)
         if saved != mine:
             raise ValueError(f"state_dict: saved with gate, num_epochs, seed = {saved}, this sampler has {mine}")
-        self.scores = scores.to(torch.float64).clone()
+        self._scores = scores.to(torch.float64).clone()
+        self._pending = []
         self.epoch = int(state["epoch"])
         self._plan = (state["order"].to(torch.int64).clone(), state["weights"].to(torch.float32).clone())
 

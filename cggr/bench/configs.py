@@ -255,6 +255,65 @@ class CGGRLossStep(Step):
         return self.criterion.get_metrics()
 
 
+class ConfidenceGateStep(Step):
+    """``cggr.pruning``: the data order itself. Each pass over the training rows leaves out, at random, half
+    of the rows whose last training loss was below the mean (weight 2 for the well-fit rows that stay);
+    passes that start in the last ``anneal`` fraction of the budget use every row. Every row of a batch
+    trains; the loss is ``cggr.pruning.gated_causal_lm_loss`` (weighted NLL over weighted target count).
+    The training loop takes its batches from ``batch_order`` and sets ``progress`` (used / budget)."""
+
+    def __init__(self, model, ctx: StepContext, prune_ratio: float = 0.5, anneal: float = 0.125):
+        super().__init__(model)
+        from cggr.pruning import ConfidenceGate
+
+        self.gate = ConfidenceGate(prune_ratio, anneal)
+        self.trunk = model_trunk(model, ctx)
+        self.sampler = None
+        self.progress = 0.0
+        self._update = None
+
+    def batch_order(self, n_rows: int, batch_size: int, seed: int):
+        """Endless batches of row indices, pass after pass, the last partial batch of a pass dropped (as
+        ``cggr.bench.data.batch_order``)."""
+        from cggr.pruning import ConfidenceGate, ConfidenceGatedSampler
+
+        # passes are counted by the loop's progress, not by a number of epochs: anneal=0 here, decided below
+        self.sampler = ConfidenceGatedSampler(n_rows, num_epochs=1, gate=ConfidenceGate(self.gate.prune_ratio, 0.0),
+                                              seed=seed, num_replicas=1, rank=0)
+        pass_index = 0
+        while True:
+            self.sampler.set_epoch(pass_index, full_pass=self.progress >= 1.0 - self.gate.anneal)
+            order = np.fromiter(iter(self.sampler), dtype=np.int64)
+            if len(order) < batch_size:
+                raise ValueError(f"a pass kept {len(order)} rows, fewer than a batch of {batch_size}")
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield order[i:i + batch_size]
+            pass_index += 1
+
+    def loss(self, batch):
+        from cggr.pruning import gated_causal_lm_loss
+
+        rows = batch.rows
+        logits = (self.module(input_ids=rows).logits if self.trunk is None
+                  else self.trunk.head()(self.trunk(rows)))
+        weights = to_device(self.sampler.weights(torch.from_numpy(batch.host_index)).numpy(), rows.device)
+        loss, row_nll = gated_causal_lm_loss(logits, rows, weights)
+        self._update = (batch.index, row_nll)
+        return loss
+
+    def after_step(self):
+        if self._update is not None:
+            self.sampler.update(*self._update)  # on the device: folded into the table at the next pass
+            self._update = None
+
+    def metrics(self):
+        return self.sampler.pass_stats() if self.sampler is not None else {}
+
+
+def build_confidence_gate(model, ratio, ctx):
+    return ConfidenceGateStep(model, ctx)
+
+
 # -- builders: one per configuration ------------------------------------------------------------
 def build_standard(model, ratio, ctx):
     return FullBatch(model, model_trunk(model, ctx))
@@ -380,6 +439,10 @@ CONFIGS: Dict[str, Config] = {
     "standard": Config(build_standard, False, _ALL, "every row, full loss"),
     **_policies(),
     "cggr_loss": Config(cggr_loss_builder(), True, _ALL, "CGGRLoss token level through forward_linear"),
+    "confidence_gate": Config(build_confidence_gate, False, ("pretrain", "finetune"),
+                              "cggr.pruning ConfidenceGate(0.5, 0.125): well-fit rows pruned from each pass, "
+                              "unbiased weights, full passes in the last 12.5 % (InfoBatch); runs only when named",
+                              in_defaults=False),
     "oracle": Config(build_oracle, True, ("target",), "target-domain rows first, random filler (domain labels)"),
     "excess_tokens": Config(_require_reference(cggr_loss_builder("excess_loss")), True, ("target",),
                             "CGGRLoss tokens with the highest NLL minus reference NLL (Rho-1)"),

@@ -206,7 +206,9 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     torch.manual_seed(ctx.seed)  # any torch-side randomness of a configuration starts from the run seed
     step_obj = build(model, ratio, ctx)
     optimizer = make_optimizer(step_obj.module, optim, device)
-    order = batch_order(len(train_rows), batch_size, ctx.seed)
+    # a configuration that chooses the data order itself (ConfidenceGateStep) gives its own batches
+    make_order = getattr(step_obj, "batch_order", None) or batch_order
+    order = make_order(len(train_rows), batch_size, ctx.seed)
     tokens_per_step = batch_size * (train_rows.rows.shape[1] - 1)
     trained_sources = TrainedRowSources(train_rows, device)
 
@@ -264,6 +266,8 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         lr = lr_at(used() / budget.amount, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if hasattr(step_obj, "progress"):
+            step_obj.progress = used() / budget.amount
         idx = local_slice(next(order), pg)  # the same global batch on every rank, this rank's share
         graphs_before = compiled_graph_count() if compile_blocks else 0
         if clock == "step" or span_start is None:
@@ -324,7 +328,7 @@ def _warm_up(model, build, ratio, ctx, train_rows, optim, batch_size, device, au
     clone = copy.deepcopy(model)
     step_obj = build(clone, ratio, ctx)
     optimizer = make_optimizer(step_obj.module, optim, device)
-    order = batch_order(len(train_rows), batch_size, ctx.seed + 1_000_003)
+    order = (getattr(step_obj, "batch_order", None) or batch_order)(len(train_rows), batch_size, ctx.seed + 1_000_003)
     for _ in range(n):
         training_step(step_obj, _batch(train_rows, local_slice(next(order), process_group), device), optimizer,
                       autocast, optim.grad_clip, process_group)
@@ -338,7 +342,7 @@ def _compile_outside_clock(model, build, ratio, ctx, train_rows, batch_size, dev
     instance, so a copy would not do), gradients dropped and no optimizer step: the weights stay as they
     were, and every graph a timed step needs exists before the clock starts."""
     step_obj = build(model, ratio, ctx)
-    order = batch_order(len(train_rows), batch_size, ctx.seed + 2_000_003)
+    order = (getattr(step_obj, "batch_order", None) or batch_order)(len(train_rows), batch_size, ctx.seed + 2_000_003)
     for _ in range(n):
         begin_graph_step()
         with autocast():
