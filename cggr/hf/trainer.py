@@ -155,11 +155,10 @@ class CGGRTrainerMixin:
     def get_train_dataloader(self):
         if self.cggr_gate is None:
             return super().get_train_dataloader()
-        import datasets
-
         original, collator = self.train_dataset, self.data_collator
         dataset = original
-        if isinstance(dataset, datasets.Dataset):  # what the Trainer does to it, before the index is added
+        if hasattr(dataset, "column_names") and hasattr(dataset, "remove_columns"):
+            # a datasets.Dataset: what the Trainer does to it (unused columns removed), before the index is added
             dataset = self._remove_unused_columns(dataset, description="training")
         self.train_dataset, self.data_collator = IndexedDataset(dataset), IndexCollator(collator)
         try:
