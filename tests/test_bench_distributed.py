@@ -1,8 +1,10 @@
 """``torchrun --nproc-per-node 2 -m cggr bench``: the same protocol on two processes (gloo, CPU).
 
 With global selection the two-process run is one process's run (same rows, gradients averaged): the
-validation curves agree within float32 rounding; standard training agrees for either selection; per-rank
-selection trains its own rows and is only checked to complete with the run files of a 2-process run."""
+validation curves agree within float32 rounding; standard training and the confidence gate (which prunes
+the data order, the same on every rank, and trains every row of a batch) agree for either selection;
+per-rank selection trains its own rows and is only checked to complete with the run files of a 2-process
+run."""
 import json
 import os
 import subprocess
@@ -10,7 +12,8 @@ import sys
 
 import pytest
 
-ARGS = ["bench", "--regime", "pretrain", "--configs", "standard", "random", "cggr_hardest", "--ratios", "0.5",
+ARGS = ["bench", "--regime", "pretrain", "--configs", "standard", "random", "cggr_hardest", "confidence_gate",
+        "--ratios", "0.5",
         "--seq-len", "16", "--batch-size", "4", "--token-budget", "256", "--eval-every", "64", "--eval-rows", "2",
         "--untimed-warmup-steps", "1", "--router-layers", "1", "--device", "cpu"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -45,11 +48,11 @@ def test_two_processes_train_the_single_process_protocol(tmp_path, single, selec
     proc = bench(tmp_path / "out", tmp_path / "cache", processes=2, extra=["--data-parallel", selection])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     two = curves(tmp_path / "out")
-    assert sorted(two) == sorted(single) == ["cggr_hardest", "random", "standard"]
+    assert sorted(two) == sorted(single) == ["cggr_hardest", "confidence_gate", "random", "standard"]
     for config, record in two.items():
         assert record["settings"]["world_size"] == 2 and record["settings"]["data_parallel"] == selection
         assert record["steps"] == single[config]["steps"] and record["tokens"] == single[config]["tokens"]
-        same = selection == "global" or config == "standard"
+        same = selection == "global" or config in ("standard", "confidence_gate")  # the gate: no row selection
         if same:  # the rows and the averaged gradients of one process: float32 rounding apart
             got = [p["val_mean"] for p in record["curve"]]
             expected = [p["val_mean"] for p in single[config]["curve"]]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cggr.bench import report
-from cggr.bench.configs import (CONFIGS, RENAMED, Batch, CGGRLossStep, CGGRModelStep, FullBatch, RowSubset,
-                                StepContext, get_config)
+from cggr.bench.configs import (CONFIGS, RENAMED, Batch, CGGRLossStep, CGGRModelStep, ConfidenceGateStep, FullBatch,
+                                RowSubset, StepContext, get_config)
 from cggr.bench.runner import cache_lock
 from cggr.experimental import ReferenceHalfLowest, ReferenceLowest
 from cggr.policies import RowPolicy
@@ -148,7 +148,7 @@ def test_renamed_configurations_resolve_to_their_new_names():
 # Configurations that are not a row policy: the whole batch, the token-level CGGRLoss, and the oracle, the only
 # one that chooses rows on the host (it reads the domain labels, which the library never sees).
 NOT_ROW_POLICIES = {"standard": FullBatch, "cggr_loss": CGGRLossStep, "excess_tokens": CGGRLossStep,
-                    "oracle": RowSubset}
+                    "oracle": RowSubset, "confidence_gate": ConfidenceGateStep}  # the gate: the library's sampler
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -12,7 +12,6 @@ follows the same curriculum (``cggr.schedule.RatioSchedule``, linear from 1 to t
 ``--selection-warmup-steps``, then constant) for every configuration.
 """
 import dataclasses
-import math
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -268,18 +267,15 @@ class ConfidenceGateStep(Step):
 
         self.gate = ConfidenceGate(prune_ratio, anneal)
         self.trunk = model_trunk(model, ctx)
-        self.sampler = None
+        # replaced by each batch_order (its own seed); this one serves steps fed batches directly
+        self.sampler = self._sampler(ctx.num_train_rows, ctx.seed) if ctx.num_train_rows > 0 else None
         self.progress = 0.0
         self._update = None
 
     def batch_order(self, n_rows: int, batch_size: int, seed: int):
         """Endless batches of row indices, pass after pass, the last partial batch of a pass dropped (as
         ``cggr.bench.data.batch_order``)."""
-        from cggr.pruning import ConfidenceGate, ConfidenceGatedSampler
-
-        # passes are counted by the loop's progress, not by a number of epochs: anneal=0 here, decided below
-        self.sampler = ConfidenceGatedSampler(n_rows, num_epochs=1, gate=ConfidenceGate(self.gate.prune_ratio, 0.0),
-                                              seed=seed, num_replicas=1, rank=0)
+        self.sampler = self._sampler(n_rows, seed)
         pass_index = 0
         while True:
             self.sampler.set_epoch(pass_index, full_pass=self.progress >= 1.0 - self.gate.anneal)
@@ -290,6 +286,14 @@ class ConfidenceGateStep(Step):
                 yield order[i:i + batch_size]
             pass_index += 1
 
+    def _sampler(self, n_rows, seed):
+        from cggr.pruning import ConfidenceGate, ConfidenceGatedSampler
+
+        # passes are counted by the loop's progress, not by a number of epochs: anneal=0 here, decided by
+        # batch_order
+        return ConfidenceGatedSampler(n_rows, num_epochs=1, gate=ConfidenceGate(self.gate.prune_ratio, 0.0),
+                                      seed=seed, num_replicas=1, rank=0)
+
     def loss(self, batch):
         from cggr.pruning import gated_causal_lm_loss
 
@@ -297,7 +301,14 @@ class ConfidenceGateStep(Step):
         logits = (self.module(input_ids=rows).logits if self.trunk is None
                   else self.trunk.head()(self.trunk(rows)))
         weights = to_device(self.sampler.weights(torch.from_numpy(batch.host_index)).numpy(), rows.device)
-        loss, row_nll = gated_causal_lm_loss(logits, rows, weights)
+        num_items = None
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # several processes (cggr.bench.parallel): the group's weighted target count, so that the
+            # averaged gradients are one process's on the whole batch
+            count = (weights.double() * (rows.shape[1] - 1)).sum()
+            torch.distributed.all_reduce(count)
+            num_items = (count / torch.distributed.get_world_size()).float()
+        loss, row_nll = gated_causal_lm_loss(logits, rows, weights, num_items)
         self._update = (batch.index, row_nll)
         return loss
 
