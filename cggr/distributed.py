@@ -5,7 +5,9 @@ functions below are the collectives it runs. Contracts:
 
 - **Same work on every rank.** Every rank trains ``k = ceil(ratio * B)`` rows of its ``B``: per-rank
   selection chooses them among its own rows; global selection (``selection='global'``) all-gathers the
-  [B] row values (O(B) floats), lets the policy choose ``W * k`` rows of the concatenated batch (rank-major),
+  [B] row values (O(B) floats), lets the policy choose ``W * k`` rows of the concatenated batch (rank-major;
+  one process would choose ``ceil(ratio * W * B)``, the same number when ``ratio * B`` is whole; the
+  choice is read on the host, one synchronisation per step),
   and hands each rank ``k`` of them (its own chosen rows first, the surplus of other ranks in order), whose
   tokens it receives through one all-gather of the batch's row tensors (O(W * B * T) token ids).
 - **Loss normalisation.** The loss of each rank is ``sum of the trained targets' NLL * W / N``, ``N`` the
@@ -15,8 +17,9 @@ functions below are the collectives it runs. Contracts:
 - **Checks.** The first step all-gathers the configuration (policy, curriculum and its step, seed,
   selection, world size, step options) and raises a ``ValueError`` naming the setting that differs,
   instead of a hang or a silent divergence later. Batch rows are compared every step (global selection:
-  on the host before any exchange; per-rank: read back at the next step, so that the current step does
-  not synchronise).
+  on the host before any exchange; per-rank: read back at the next training step or evaluation, so that
+  the current step does not synchronise). A rank leaves a step early only on decisions every rank shares
+  (the ratio, not its own batch size), so a rank with fewer rows still runs every collective.
 - Every collective runs on ``group`` (default: the default process group) under that group's timeout.
 """
 import dataclasses

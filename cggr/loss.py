@@ -169,9 +169,10 @@ class CGGRLoss(nn.Module):
         if self.selection == "topk":
             mask = ops.select_topk(scores, valid, ratio)
         elif self.selection == "stratified":
-            # a fresh draw every call, reproducible from (seed, call number)
+            # a fresh draw every call, reproducible from (seed, call number); ranks draw independently
+            rank = dp.rank if dp is not None else 0
             mask = ops.select_stratified(scores, valid, ratio, num_strata=self.num_strata,
-                                         seed=self.seed * 1_000_003 + self._calls)
+                                         seed=self.seed * 1_000_003 + self._calls + rank * 0x9E3779B1)
         else:
             if scores.dim() != 2:
                 raise ValueError("selection='sequence_aware' needs [B, T, V] logits (or [B, T, H] hidden) with "

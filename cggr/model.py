@@ -233,7 +233,8 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
 
         Returns a ``RowSelection`` ([k] indices on the batch's device, optional row weights) or None when
         every row is kept. ``last_row_values`` then holds the [B] values the policy chose on (router scores
-        or reference row means; None for ``RandomRows``). Draws from the same generator stream as
+        or reference row means; None for ``RandomRows``; under ``DataParallel(selection='global')`` the
+        [W * B] values of every rank, and the indices are positions in that concatenated batch). Draws from the same generator stream as
         ``forward`` (which calls it): integrations that choose rows ahead of the forward (``cggr.hf``) call
         this, then ``forward(..., rows=selection)``. Same synchronisation contract as ``forward``.
         """
@@ -264,8 +265,14 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         self._confidence = None
         self._ratio = ratio = self.current_ratio
         k = rows_for_ratio(ratio, B)
-        if k >= B and not self.schedule.dynamic_threshold:
+        # Under data parallelism every rank runs the same collectives (router gathers under FSDP2, the
+        # exchange of global selection): leave before them only on a decision that does not depend on this
+        # rank's B, which may differ from another rank's (reported, not hung on)
+        keep_every_row = ratio >= 1.0 if dp is not None else k >= B
+        if keep_every_row and not self.schedule.dynamic_threshold:
             return None
+        if dp is not None and dp.selection == "global":
+            dp_ops.gather_sizes(B, T, input_ids.device, dp, "CGGRModel")  # every rank, before any leaves
         row_scores = None
         if self.policy.uses_router:
             with self._router_params_gathered():
@@ -285,7 +292,7 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
             return None
         values = self.last_row_values if self.last_row_values is not None else B
         if dp is not None and dp.selection == "global":
-            return self._select_global(values, k, B, T, dp, input_ids.device)
+            return self._select_global(values, k, B, dp, input_ids.device)
         rank = dp.rank if dp is not None else 0  # per-rank draws differ between ranks
         selection = self.policy.select(values, k, self._generator(input_ids.device, rank))
         check_selection(selection, B, input_ids.device)
@@ -319,6 +326,7 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         reference_nll = kwargs.pop("reference_nll", None)
         if not self.training:
             # evaluation: the model's own loss over every row; no selection, no draw from the generator
+            self._flush_row_check()  # the last training step's row counts (data parallel)
             return self.model(input_ids, labels=labels, attention_mask=attention_mask, **kwargs).loss
         if self._timer is not None:
             self._timer.start(input_ids.device)
@@ -345,7 +353,10 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
             input_ids, labels, attention_mask, reference_nll = (
                 taken.pop(name) for name in ("input_ids", "labels", "attention_mask", "reference_nll"))
             kwargs = taken
+            trained_positions = selection.indices  # positions in the concatenated batch (selected_rows)
             selection = RowSelection(torch.arange(input_ids.shape[0], device=input_ids.device), selection.row_weight)
+        else:
+            trained_positions = selection.indices if selection is not None else None
         B = input_ids.shape[0]
         if selection is not None:
             check_selection(selection, B, input_ids.device)
@@ -387,6 +398,8 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
             if dp_count is not None:
                 total = self._data_parallel_total(dp_count, batch_rows, dp)
                 rows_kwargs = dict(rows_kwargs, num_items_in_batch=total.clamp_min(1))
+        elif dp is not None:  # the caller's normaliser: the ranks' batch rows are still compared
+            self._data_parallel_total(batch_targets, batch_rows, dp)
         # Hugging Face's gradient-accumulation normaliser: the model's own loss takes it; the fused and the
         # weighted losses here divide by it instead of their own count
         num_items = rows_kwargs.get("num_items_in_batch") if (self.loss_impl == "fused" or row_weight is not None) else None
@@ -424,7 +437,7 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
                                 else per_row.sum() if selection is None
                                 else per_row.index_select(0, selection.indices).sum()),
             "confidence": confidence,
-            "rows": selection.indices if selection is not None else None,  # for tests / inspection
+            "rows": trained_positions,  # for tests / inspection
         }
         self._ratio, self._confidence = None, None  # consumed: the next forward(rows=...) needs its own
         return loss
@@ -566,8 +579,16 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
     def selected_rows(self) -> Optional[torch.Tensor]:
         """[k] int64 (device) batch positions the last forward with labels trained on, as the row policy
         returned them (the built-in ones: ascending; repeats possible with ``cggr.experimental.ImportanceRows``), or
-        None when it kept every row."""
+        None when it kept every row. Under ``DataParallel(selection='global')``: this rank's share, as positions
+        in the rank-major concatenation of every rank's batch."""
         return None if self._last is None else self._last["rows"]
+
+    @property
+    def data_parallel(self) -> Optional[DataParallel]:
+        """The data-parallel setting in effect (``data_parallel='auto'`` resolved; None: no collectives)."""
+        if self._dp_state is not None:
+            return self._dp_state[0]
+        return dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRModel")
 
     @property
     def router_row_nll(self) -> Optional[torch.Tensor]:

@@ -44,11 +44,10 @@ class DataParallelRows:
             return dp_ops.unsharded(self.model)
         return contextlib.nullcontext()
 
-    def _select_global(self, values, k, B, T, dp, device) -> RowSelection:
+    def _select_global(self, values, k, B, dp, device) -> RowSelection:
         """DataParallel(selection='global'): the policy over the concatenated batch (rank-major), ``W * k``
         rows; this rank's share of them (``cggr.distributed.assign_rows``) as positions in that batch."""
-        W = dp.world_size
-        dp_ops.gather_sizes(B, T, device, dp, "CGGRModel")
+        W = dp.world_size  # the batch shapes were compared by select_rows
         if isinstance(values, torch.Tensor):
             values = dp_ops.all_gather_rows(values, dp)
             self.last_row_values = values
@@ -86,20 +85,25 @@ class DataParallelRows:
                              "loss_impl='model', forward_impl='model'")
 
     def _data_parallel_total(self, count, batch_rows, dp):
-        """``count`` summed over the group (device tensor, no synchronisation)."""
-        if dp.selection == "global":  # the rows were compared on the host before the exchange
-            return dp_ops.sum_over_ranks(count, dp)
+        """``count`` summed over the group (device tensor, no synchronisation). Every rank's batch rows travel
+        with it and are compared at the next step or evaluation (``DeferredRowCheck``)."""
         gathered = dp_ops.gather_counts(count, batch_rows, dp)
         self._dp_state[1].push(gathered[:, 1])
         return gathered[:, 0].sum()
 
+    def _flush_row_check(self):
+        if self._dp_state is not None:
+            self._dp_state[1].flush()
+
     def trained_targets(self, labels: torch.Tensor, rows: Optional[RowSelection]) -> torch.Tensor:
-        """0-dim int64 (device): the shifted targets that ``forward(..., labels=labels, rows=rows)`` trains on
-        this rank (those that are not -100; with ``DataParallel(selection='global')`` the rows of this rank's
-        share, gathered: a collective). For gradient accumulation over ``n`` micro-batches: choose every
-        micro-batch's rows first (``select_rows``), sum this over them and over the ranks
-        (``cggr.distributed.sum_over_ranks``), and pass the total as ``num_items_in_batch`` to each forward."""
-        if rows is None:
+        """0-dim int64 (device): the count that normalises ``forward(..., labels=labels, rows=rows)``'s loss on
+        this rank: the shifted targets it trains (those that are not -100; with
+        ``DataParallel(selection='global')`` the rows of this rank's share, gathered: a collective), or the
+        whole batch's for a weighted selection of a ``loss_norm='batch'`` policy. For gradient accumulation
+        over ``n`` micro-batches: choose every micro-batch's rows first (``select_rows``), sum this over them
+        and over the ranks (``cggr.distributed.sum_over_ranks``), and pass the total as
+        ``num_items_in_batch`` to each forward."""
+        if rows is None or (rows.row_weight is not None and self.policy.loss_norm == "batch"):
             return (labels[:, 1:] != IGNORE_INDEX).sum()
         dp = self._dp_state[0] if self._dp_state is not None else None
         if dp is not None and dp.selection == "global":

@@ -163,7 +163,8 @@ def global_selection(kind, policy_name):
     single(all_ids, labels=all_labels, rows=single_selection).backward()
     worst = compare_grads(named(kind, model), grads_of(single))
     return {"union": union, "expected": sorted(single_selection.indices.tolist()), "rows_per_rank": [len(s) for s in shares],
-            "worst_rel_err": worst}
+            "worst_rel_err": worst,
+            "selected_rows_are_the_share": unwrap(kind, model).selected_rows.tolist() == selection.indices.tolist()}
 
 
 def mismatched(field):
@@ -188,6 +189,56 @@ def rows_differ_later(selection):
         except ValueError as error:
             return {"raised_at_step": step, "error": str(error)}
         model.step()
+    return {"raised_at_step": None}
+
+
+def rows_differ_router(kind, selection):
+    """Rank 1's batch is so small that it keeps every row at ratio 0.8 (ceil(0.8 * 2) = 2) while rank 0
+    selects 4 of 5: rank 1 still runs the router's pass (FSDP2 all-gathers inside it) and every exchange,
+    so nothing hangs; the different rows are reported (global: at once; per-rank: at the next step)."""
+    rank = dist.get_rank()
+    inner = cggr_model(tiny_llama(), HardestRows(router=RouterSettings(layers=1)), DataParallel(selection=selection),
+                       ratio=0.8)
+    model = wrap(kind, inner)
+    for step in range(2):
+        ids, labels = batch_of(rank, rows=2 if rank == 1 else 5)
+        try:
+            model(ids, labels=labels).backward()
+        except ValueError as error:
+            return {"raised_at_step": step, "error": str(error)}
+        inner.step()
+    return {"raised_at_step": None}
+
+
+def rows_differ_caller_count():
+    """Per-rank selection with the caller's num_items_in_batch (the accumulation recipe): the ranks' rows
+    are still compared (rank 1 gets more at step 1: reported at step 2)."""
+    rank = dist.get_rank()
+    model = cggr_model(tiny_llama(), RandomRows(), DataParallel())
+    for step in range(3):
+        ids, labels = batch_of(rank, rows=B + 2 if (rank == 1 and step >= 1) else B)
+        try:
+            rows = model.select_rows(ids, labels)
+            n = cggr.distributed.sum_over_ranks(model.trained_targets(labels, rows), DataParallel())
+            model(ids, labels=labels, rows=rows, num_items_in_batch=n).backward()
+        except ValueError as error:
+            return {"raised_at_step": step, "error": str(error)}
+        model.step()
+    return {"raised_at_step": None}
+
+
+def rows_differ_last_step():
+    """The last training step's different rows are reported by the evaluation that follows it."""
+    rank = dist.get_rank()
+    model = cggr_model(tiny_llama(), RandomRows(), DataParallel())
+    ids, labels = batch_of(rank, rows=B + 2 if rank == 1 else B)
+    model(ids, labels=labels).backward()
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*batch_of(rank)[:1], labels=batch_of(rank)[1])
+    except ValueError as error:
+        return {"raised_at_step": "evaluation", "error": str(error)}
     return {"raised_at_step": None}
 
 
@@ -424,6 +475,11 @@ SCENARIOS = {
     "rows_differ_per_rank": lambda: rows_differ_later("per_rank"),
     "rows_differ_global": lambda: rows_differ_later("global"),
     "loss_module": loss_module,
+    "rows_differ_router_ddp": lambda: rows_differ_router("ddp", "per_rank"),
+    "rows_differ_router_fsdp": lambda: rows_differ_router("fsdp", "per_rank"),
+    "rows_differ_router_global": lambda: rows_differ_router("ddp", "global"),
+    "rows_differ_caller_count": rows_differ_caller_count,
+    "rows_differ_last_step": rows_differ_last_step,
     "ddp_fused": lambda: fused_dp("ddp"),
     "fsdp_fused": lambda: fused_dp("fsdp"),
 }

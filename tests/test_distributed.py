@@ -17,7 +17,9 @@ TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets
              "ddp_global_random", "fsdp_global_hardest", "mismatched_ratio", "mismatched_seed",
              "rows_differ_per_rank", "rows_differ_global", "loss_module", "ddp_fused", "fsdp_fused",
              "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
-             "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate"]
+             "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate", "rows_differ_router_ddp",
+             "rows_differ_router_fsdp", "rows_differ_router_global", "rows_differ_caller_count",
+             "rows_differ_last_step"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest",
                "gate_sampler"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
@@ -81,6 +83,7 @@ def test_global_selection_is_one_process_selection(request, world, scenario):
     for r in outcome(results, scenario):
         assert r["union"] == r["expected"]  # the same rows as one process over the whole batch
         assert len(set(r["rows_per_rank"])) == 1  # and the same number on every rank
+        assert r["selected_rows_are_the_share"]  # positions in the concatenated batch, as select_rows gave
         assert r["worst_rel_err"] < 1e-4
 
 
@@ -91,11 +94,23 @@ def test_mismatched_configuration_is_reported_at_the_first_step(two, scenario, s
         assert "configured differently" in r["error"] and f"{setting}:" in r["error"], r["error"]
 
 
-@pytest.mark.parametrize("scenario,step", [("rows_differ_per_rank", 2), ("rows_differ_global", 1)])
+@pytest.mark.parametrize("scenario,step", [
+    ("rows_differ_per_rank", 2), ("rows_differ_global", 1), ("rows_differ_caller_count", 2),
+    ("rows_differ_last_step", "evaluation")])
 def test_row_counts_that_differ_are_reported(two, scenario, step):
     for r in outcome(two, scenario):
         assert r["raised_at_step"] == step, r
         assert "different batch rows" in r["error"] and "rank 1: 6" in r["error"], r["error"]
+
+
+@pytest.mark.parametrize("scenario,step", [("rows_differ_router_ddp", 1), ("rows_differ_router_fsdp", 1),
+                                           ("rows_differ_router_global", 0)])
+def test_a_rank_that_keeps_every_row_still_runs_the_collectives(two, scenario, step):
+    """Rank 1 keeps all of its 2 rows, rank 0 selects 4 of 5: no hang (the worker's collectives time out
+    after 60 s, which would fail the scenario), and the different rows are reported."""
+    for r in outcome(two, scenario):
+        assert r["raised_at_step"] == step, r
+        assert "different batch rows" in r["error"] and "rank 0: 5, rank 1: 2" in r["error"], r["error"]
 
 
 @pytest.mark.parametrize("scenario", ["ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation"])

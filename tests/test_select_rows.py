@@ -129,3 +129,24 @@ def test_legacy_calls_that_0_6_cannot_reproduce_are_refused():
         CGGRModel(_model(), selection="random", scoring="entropy", loss_impl="fused", token_ratio=0.5)
     with pytest.raises(ValueError, match="takes no token scoring"):
         CGGRModel(_model(), selection="random", scoring="excess_loss")
+
+
+@pytest.mark.parametrize("policy", [RandomRows(), ImportanceRows(router=RouterSettings(layers=1))], ids=repr)
+def test_trained_targets_is_the_count_the_loss_is_divided_by(policy):
+    """The accumulation recipe (num_items_in_batch = trained_targets) reproduces the loss without it: the
+    selected rows' targets, or the whole batch's for a weighted loss_norm='batch' selection."""
+    ids, _ = _batch()
+    labels = ids.clone()
+    labels[0, 3:] = -100  # rows with different target counts
+    labels[4, :7] = -100
+    a = CGGRModel(_model(), policy=policy, min_tokens_ratio=0.5, warmup_steps=0, seed=2)
+    b = CGGRModel(_model(), policy=policy, min_tokens_ratio=0.5, warmup_steps=0, seed=2)
+    rows = a.select_rows(ids, labels)
+    n = a.trained_targets(labels, rows)
+    if policy.loss_norm == "batch":
+        assert int(n) == int((labels[:, 1:] != -100).sum())
+    else:
+        assert int(n) == int((labels[rows.indices, 1:] != -100).sum())
+    got = a(ids, labels=labels, rows=rows, num_items_in_batch=n)
+    assert torch.allclose(got, b(ids, labels=labels), rtol=1e-6)
+    assert a.trained_targets(labels, None) == (labels[:, 1:] != -100).sum()

@@ -90,8 +90,15 @@ class Step:
 
     def selected_rows(self):
         """Batch positions the last ``loss`` trained on: None (every row), a host array or a device tensor.
-        Read after the step's clock, to count the trained rows' sources for the report."""
+        Read after the step's clock, to count the trained rows' sources for the report. Positions in this
+        rank's batch, or in the global batch when ``rows_in_global_batch``."""
         return None
+
+    @property
+    def rows_in_global_batch(self) -> bool:
+        """True when ``selected_rows`` are positions in the whole global batch (several processes with
+        ``--data-parallel global``: this rank trains rows of other ranks' shares)."""
+        return False
 
 
 class FullBatch(Step):
@@ -163,6 +170,11 @@ class CGGRModelStep(Step):
 
     def selected_rows(self):
         return self.module.selected_rows
+
+    @property
+    def rows_in_global_batch(self) -> bool:
+        setting = self.module.data_parallel
+        return setting is not None and setting.selection == "global"
 
 
 class RunningBaselineStep(CGGRModelStep):

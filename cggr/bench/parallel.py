@@ -23,6 +23,7 @@ class ProcessGroupInfo:
     rank: int
     world_size: int
     local_rank: int
+    host_group: Optional[object] = None  # gloo group for host-side decisions (None: the default group)
 
 
 def init_from_env(device: str) -> Optional[ProcessGroupInfo]:
@@ -36,7 +37,10 @@ def init_from_env(device: str) -> Optional[ProcessGroupInfo]:
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    # Host decisions (stop, evaluate, the learning rate's clock) go over gloo: NCCL would move them through
+    # the GPU, a synchronisation inside --clock span's open spans
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+    return ProcessGroupInfo(dist.get_rank(), dist.get_world_size(), local_rank, host_group)
 
 
 def local_device(device: str, info: Optional[ProcessGroupInfo]) -> str:
@@ -73,13 +77,23 @@ def average_gradients(parameters, info: Optional[ProcessGroupInfo]):
         offset += g.numel()
 
 
-def agree(value: bool, info: Optional[ProcessGroupInfo]) -> bool:
-    """Rank 0's decision, on every rank (decisions that must not diverge, e.g. --max-wall's)."""
+def agree(value, info: Optional[ProcessGroupInfo]):
+    """Rank 0's value on every rank, for host decisions that must not diverge (--max-wall's, the time
+    budget's clock): one broadcast on the host."""
     if info is None:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=info.host_group)
     return box[0]
+
+
+def mean_over_ranks(value: torch.Tensor, info: Optional[ProcessGroupInfo]) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (one all-reduce on its device)."""
+    if info is None:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / info.world_size
 
 
 def barrier(info: Optional[ProcessGroupInfo]):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .configs import Batch, Step, StepContext, to_device
-from .parallel import average_gradients, local_slice
+from .parallel import agree, average_gradients, local_slice, mean_over_ranks
 from .data import RowSet, batch_order
 from .models import begin_graph_step, compile_decoder_blocks, compiled_graph_count
 from .progress import Progress
@@ -138,7 +138,8 @@ class TrainedRowSources:
     replacement). Counted outside the clock (after each step, or at the end of a span): a device selection
     is counted on the device (no sync); the source labels never reach a configuration."""
 
-    def __init__(self, rows: RowSet, device):
+    def __init__(self, rows: RowSet, device, process_group=None):
+        self.process_group = process_group  # several processes: share() counts every rank's rows
         self.sources = rows.sources
         self.source_ids = rows.source_ids
         self.host_counts = np.zeros(len(rows.sources), dtype=np.int64)
@@ -147,10 +148,14 @@ class TrainedRowSources:
         self._device_counts = None
         self._pending = []
 
-    def add(self, batch: Batch, selected):
+    def add(self, batch: Batch, selected, global_index: Optional[np.ndarray] = None):
         """Remember a step's selection (host bookkeeping only: the counting waits for ``flush``). Only the
-        batch's row indices are kept, not its tokens (a span of steps would hold them all on the GPU)."""
-        self._pending.append((batch.index, batch.source_ids, selected))
+        batch's row indices are kept, not its tokens (a span of steps would hold them all on the GPU).
+        ``global_index``: the global batch's rows, when ``selected`` holds positions in it."""
+        if global_index is not None and selected is not None:
+            self._pending.append((global_index, self.source_ids[global_index], selected))
+        else:
+            self._pending.append((batch.index, batch.source_ids, selected))
 
     def flush(self):
         """Count the remembered steps (outside the clock)."""
@@ -165,6 +170,8 @@ class TrainedRowSources:
             if self._device_counts is None:
                 self._device_source_ids = torch.from_numpy(self.source_ids).to(self.device)
                 self._device_counts = torch.zeros(len(self.sources), dtype=torch.int64, device=self.device)
+            if isinstance(index, np.ndarray):  # a global batch's rows (host), moved here outside the clock
+                index = torch.from_numpy(index).to(self.device)
             rows = index.index_select(0, selected.to(index.device))
             self._device_counts.index_add_(0, self._device_source_ids.index_select(0, rows),
                                            torch.ones_like(rows))
@@ -176,6 +183,10 @@ class TrainedRowSources:
         counts = self.host_counts.copy()
         if self._device_counts is not None:
             counts += self._device_counts.cpu().numpy()
+        if self.process_group is not None:  # every rank trained its own rows: their sum
+            summed = torch.from_numpy(counts).to(self.device)
+            torch.distributed.all_reduce(summed)
+            counts = summed.cpu().numpy()
         total = max(1, int(counts.sum()))
         return {name: int(c) / total for name, c in zip(self.sources, counts)}
 
@@ -210,7 +221,8 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
     make_order = getattr(step_obj, "batch_order", None) or batch_order
     order = make_order(len(train_rows), batch_size, ctx.seed)
     tokens_per_step = batch_size * (train_rows.rows.shape[1] - 1)
-    trained_sources = TrainedRowSources(train_rows, device)
+    trained_sources = TrainedRowSources(train_rows, device, pg)
+    rows_in_global_batch = pg is not None and getattr(step_obj, "rows_in_global_batch", False)
 
     curve: List[dict] = []
     train_time, host_time, tokens, steps = 0.0, 0.0, 0, 0
@@ -239,6 +251,9 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
 
     def evaluate():
         nonlocal loss_sum, loss_steps
+        # every rank's loss is its share of the global batch's mean (times W): their mean is the batch's
+        # mean, the same on every rank, so the divergence check agrees too
+        loss_sum = mean_over_ranks(loss_sum, pg)
         train_loss = float(loss_sum) / loss_steps if loss_steps else float("nan")
         val = evaluator(model)
         point = {"step": steps, "time": train_time, "tokens": tokens, "lr": lr, "train_loss": train_loss,
@@ -251,24 +266,32 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         return train_loss
 
     lr = lr_at(0.0, optim)
+    def used_by_all():
+        # a time budget under torchrun: rank 0's clock on every rank, so that every rank evaluates, stops
+        # and sets the learning rate at the same step (token budgets agree by construction)
+        return agree(used(), pg) if budget.kind == "time" else used()
+
     while True:
-        if used() >= next_eval:
+        now = used_by_all()
+        if now >= next_eval:
             close_span()
             train_loss = evaluate()
             if steps and not math.isfinite(train_loss):
                 diverged = True
                 log(f"{label}: training loss is {train_loss} at step {steps}: stopping this run (diverged)")
                 break
-            next_eval = (math.floor(used() / budget.eval_every) + 1) * budget.eval_every
-        if used() >= budget.amount:
+            now = used_by_all()
+            next_eval = (math.floor(now / budget.eval_every) + 1) * budget.eval_every
+        if now >= budget.amount:
             close_span()
             break
-        lr = lr_at(used() / budget.amount, optim)
+        lr = lr_at(now / budget.amount, optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if hasattr(step_obj, "progress"):
-            step_obj.progress = used() / budget.amount
-        idx = local_slice(next(order), pg)  # the same global batch on every rank, this rank's share
+            step_obj.progress = now / budget.amount
+        global_idx = next(order)
+        idx = local_slice(global_idx, pg)  # the same global batch on every rank, this rank's share
         graphs_before = compiled_graph_count() if compile_blocks else 0
         if clock == "step" or span_start is None:
             _sync(device)
@@ -279,7 +302,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         loss = training_step(step_obj, batch, optimizer, autocast, optim.grad_clip, pg)
         loss_sum += loss.float()
         host_time += time.perf_counter() - start  # about equal to elapsed when the host's launches bound the step
-        trained_sources.add(batch, step_obj.selected_rows())
+        trained_sources.add(batch, step_obj.selected_rows(), global_idx if rows_in_global_batch else None)
         if clock == "step":
             _sync(device)
             train_time += time.perf_counter() - start
