@@ -23,6 +23,7 @@ functions below are the collectives it runs. Contracts:
 - Every collective runs on ``group`` (default: the default process group) under that group's timeout.
 """
 import dataclasses
+import re
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -84,10 +85,19 @@ def resolve_data_parallel(value, owner: str) -> Optional[DataParallel]:
 
 
 # -- checks -----------------------------------------------------------------------------------------------
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def config_fingerprint(config: dict) -> dict:
+    """name -> the value's repr without memory addresses (a callable in ``compile_options``, say, has a
+    different address in every process: the same object type then compares equal)."""
+    return {name: _ADDRESS.sub("", repr(value)) for name, value in config.items()}
+
+
 def check_same_config(config: dict, setting: DataParallel, owner: str):
     """All-gather ``config`` (name -> a value with a stable repr) and raise naming every entry that differs."""
     gathered = [None] * setting.world_size
-    dist.all_gather_object(gathered, {name: repr(value) for name, value in config.items()}, group=setting.group)
+    dist.all_gather_object(gathered, config_fingerprint(config), group=setting.group)
     differing = [name for name in config if len({ranks[name] for ranks in gathered}) > 1]
     if differing:
         lines = "; ".join(f"{name}: " + ", ".join(f"rank {r} {ranks[name]}" for r, ranks in enumerate(gathered))

@@ -38,6 +38,7 @@ class DataParallelRows:
     def _router_params_gathered(self):
         """FSDP2: the router uses the root's parameters (embedding, final norm, LM head) outside the model's
         forward: gathered for the pass unless this wrapper's own forward (the FSDP root) already did."""
+        self._check_single_fsdp_root()
         if dp_ops.is_fsdp_module(self):  # this wrapper is the root: its forward has gathered them
             return contextlib.nullcontext() if self._in_forward else dp_ops.unsharded(self)
         if dp_ops.is_fsdp_module(self.model):
@@ -77,7 +78,16 @@ class DataParallelRows:
 
         return {name: take(t) for name, t in tensors.items()}
 
+    def _check_single_fsdp_root(self):
+        if dp_ops.is_fsdp_module(self) and dp_ops.is_fsdp_module(self.model):
+            # the wrapped model's own group (embedding, final norm, LM head) would stay sharded outside its
+            # forward, where the router and the fused loss use it
+            raise ValueError("FSDP2: fully_shard was applied to both the CGGRModel and the model it wraps; apply "
+                             "it to the decoder blocks and then to one of them (the CGGRModel for "
+                             "loss_impl='fused' / forward_impl='trunk')")
+
     def _check_fsdp_root(self):
+        self._check_single_fsdp_root()
         if dp_ops.is_fsdp_module(self.model) and not dp_ops.is_fsdp_module(self):
             raise ValueError("StepOptions(loss_impl='fused' / forward_impl='trunk') run the model's modules and LM "
                              "head outside its forward, where FSDP2 gathers the root's parameters: apply "

@@ -337,6 +337,21 @@ def fsdp_inner_root(fused=False):
     return {"worst_rel_err": worst}
 
 
+def fsdp_both_roots():
+    """fully_shard on the Hugging Face model and on the CGGRModel around it: refused at the first step."""
+    from torch.distributed.fsdp import fully_shard
+
+    hf_model = tiny_llama()
+    for block in hf_model.model.layers:
+        fully_shard(block)
+    fully_shard(hf_model)
+    model = cggr_model(hf_model, HardestRows(router=RouterSettings(layers=1)), auto())
+    fully_shard(model)
+    ids, labels = batch_of(dist.get_rank())
+    model(ids, labels=labels).backward()
+    return {}
+
+
 def trainer_ddp():
     """cggr.hf.CGGRTrainer under torchrun (accelerate's multi-process CPU backend, gloo): the gradient of the
     first optimizer step (2 micro-batches per rank) equals one process's mean over every trained target of
@@ -460,6 +475,7 @@ SCENARIOS = {
     "trainer_ddp": trainer_ddp,
     "fsdp_inner_root": fsdp_inner_root,
     "fsdp_inner_root_fused": lambda: fsdp_inner_root(fused=True),
+    "fsdp_both_roots": fsdp_both_roots,
     "ddp_accumulation": lambda: accumulation("ddp", "per_rank"),
     "ddp_accumulation_global": lambda: accumulation("ddp", "global"),
     "fsdp_accumulation": lambda: accumulation("fsdp", "per_rank"),

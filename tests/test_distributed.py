@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cggr import CGGRLoss, CGGRModel, DataParallel, RandomRows
-from cggr.distributed import assign_rows
+from cggr.distributed import assign_rows, config_fingerprint
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets", "ddp_global_hardest",
@@ -19,7 +19,7 @@ TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets
              "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
              "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate", "rows_differ_router_ddp",
              "rows_differ_router_fsdp", "rows_differ_router_global", "rows_differ_caller_count",
-             "rows_differ_last_step"]
+             "rows_differ_last_step", "fsdp_both_roots"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest",
                "gate_sampler"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
@@ -134,6 +134,12 @@ def test_fused_loss_needs_the_wrapper_as_fsdp_root(two):
         assert "apply fully_shard to the CGGRModel" in r["error"]
 
 
+def test_fsdp_on_both_the_wrapper_and_the_model_is_refused(two):
+    for r in (res["fsdp_both_roots"] for res in two):
+        assert not r["ok"] and r["type"] == "ValueError", r
+        assert "applied to both the CGGRModel and the model it wraps" in r["error"]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_confidence_gated_sampler_tables_agree_across_ranks(request, world):
     for r in outcome(request.getfixturevalue("two" if world == 2 else "three"), "gate_sampler"):
@@ -191,3 +197,14 @@ def test_assign_rows_gives_every_rank_k_of_the_chosen_rows_keeping_its_own(world
             own = [p for p in chosen if p // rows == r]
             kept = [p for p in share if p // rows == r]
             assert len(kept) == min(k, len(own))  # a rank moves none of its own rows while it has room
+
+
+def test_config_fingerprint_ignores_memory_addresses_only():
+    """Every process has its own addresses: the same kind of object compares equal, other values do not."""
+    class Backend:
+        pass
+
+    a = config_fingerprint({"step_options": {"backend": Backend()}, "seed": 1})
+    b = config_fingerprint({"step_options": {"backend": Backend()}, "seed": 1})
+    assert a == b and " at 0x" not in a["step_options"]
+    assert config_fingerprint({"seed": 2})["seed"] != a["seed"]
