@@ -352,6 +352,20 @@ def fsdp_both_roots():
     return {}
 
 
+def bench_average_gradients():
+    """cggr bench's gradient mean: a gradient present on some ranks is averaged (zeros elsewhere), one
+    present on no rank stays None, so that the optimizer skips it as one process would."""
+    from cggr.bench.parallel import ProcessGroupInfo, average_gradients
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    some, none, every = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    if rank == 0:
+        some.grad = torch.full((3,), 6.0)
+    every.grad = torch.full((3,), float(rank))
+    average_gradients([some, none, every], ProcessGroupInfo(rank, world, rank))
+    return {"some": some.grad.tolist(), "none_is_none": none.grad is None, "every": every.grad.tolist()}
+
+
 def trainer_ddp():
     """cggr.hf.CGGRTrainer under torchrun (accelerate's multi-process CPU backend, gloo): the gradient of the
     first optimizer step (2 micro-batches per rank) equals one process's mean over every trained target of
@@ -476,6 +490,7 @@ SCENARIOS = {
     "fsdp_inner_root": fsdp_inner_root,
     "fsdp_inner_root_fused": lambda: fsdp_inner_root(fused=True),
     "fsdp_both_roots": fsdp_both_roots,
+    "bench_average_gradients": bench_average_gradients,
     "ddp_accumulation": lambda: accumulation("ddp", "per_rank"),
     "ddp_accumulation_global": lambda: accumulation("ddp", "global"),
     "fsdp_accumulation": lambda: accumulation("fsdp", "per_rank"),

@@ -19,7 +19,7 @@ TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets
              "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
              "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate", "rows_differ_router_ddp",
              "rows_differ_router_fsdp", "rows_differ_router_global", "rows_differ_caller_count",
-             "rows_differ_last_step", "fsdp_both_roots"]
+             "rows_differ_last_step", "fsdp_both_roots", "bench_average_gradients"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest",
                "gate_sampler"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
@@ -132,6 +132,11 @@ def test_fused_loss_needs_the_wrapper_as_fsdp_root(two):
     for r in (res["fsdp_inner_root_fused"] for res in two):
         assert not r["ok"] and r["type"] == "ValueError", r
         assert "apply fully_shard to the CGGRModel" in r["error"]
+
+
+def test_bench_gradient_mean_keeps_absent_gradients_absent(two):
+    for r in outcome(two, "bench_average_gradients"):
+        assert r["some"] == [3.0, 3.0, 3.0] and r["every"] == [0.5, 0.5, 0.5] and r["none_is_none"], r
 
 
 def test_fsdp_on_both_the_wrapper_and_the_model_is_refused(two):

@@ -60,21 +60,28 @@ def local_slice(idx, info: Optional[ProcessGroupInfo]):
 
 def average_gradients(parameters, info: Optional[ProcessGroupInfo]):
     """Every rank's gradients replaced by their mean over the ranks (one all-reduce). A parameter without a
-    gradient on this rank takes part with zeros, so that every rank issues the same collective."""
+    gradient on this rank takes part with zeros, so that every rank issues the same collective; one without
+    a gradient on every rank keeps none (the optimizer skips it, as it would in one process)."""
     if info is None:
         return
     params = [p for p in parameters if p.requires_grad]
+    had_grad = [p.grad is not None for p in params]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flags = torch.tensor(had_grad, dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
     dist.all_reduce(flat)
     flat /= info.world_size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+    if not all(had_grad):  # (a host read only then: the usual step, every gradient present, has none)
+        for p, mine, any_rank in zip(params, had_grad, flat[offset:].tolist()):
+            if not mine and any_rank == 0:
+                p.grad = None
 
 
 def agree(value, info: Optional[ProcessGroupInfo]):
