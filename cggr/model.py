@@ -52,7 +52,7 @@ from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create
 from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets, weighted_row_loss
 from .schedule import RatioSchedule, batch_confidence
 from .scoring import score
-from .model_state import STEP_KEY, StepStateDict
+from .model_state import STEP_KEY, StepStateDict, step_metrics
 from .step_timing import StepTimer
 
 # Router scoring chunks: 512 MiB of logits. The router keeps no activations for backward, so it can afford
@@ -584,13 +584,6 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         return None if self._last is None else self._last["rows"]
 
     @property
-    def data_parallel(self) -> Optional[DataParallel]:
-        """The data-parallel setting in effect (``data_parallel='auto'`` resolved; None: no collectives)."""
-        if self._dp_state is not None:
-            return self._dp_state[0]
-        return dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRModel")
-
-    @property
     def router_row_nll(self) -> Optional[torch.Tensor]:
         """[B] float32 (device) mean NLL of each row's scored tokens under the router in the last forward
         with labels (NaN for a row with nothing scored), or None when that forward ran no router pass
@@ -600,22 +593,4 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
     # -- metrics ----------------------------------------------------------------------------------
     def get_metrics(self) -> dict:
         """Numbers of the last ``forward`` with labels (host values: reading them synchronises)."""
-        metrics = {"step": self._step, "curriculum_ratio": self.current_ratio}
-        last = self._last
-        if last is None:
-            return metrics
-        tokens_total = int(last["tokens_total"].item())
-        tokens_selected = int(last["tokens_selected"].item())
-        metrics.update(
-            row_ratio=last["ratio"],
-            sequences_selected=last["sequences_selected"],
-            sequences_total=last["sequences_total"],
-            tokens_selected=tokens_selected,
-            tokens_total=tokens_total,
-            token_ratio=tokens_selected / tokens_total if tokens_total > 0 else 0.0,
-        )
-        if last["confidence"] is not None:
-            metrics["avg_confidence"] = float(last["confidence"].item())
-        if self._timer is not None and self._timer.result is not None:
-            metrics.update(self._timer.result)
-        return metrics
+        return step_metrics(self._last, self._step, self.current_ratio, self._timer)

@@ -29,6 +29,13 @@ class DataParallelRows:
         rows_check.flush()
         return setting
 
+    @property
+    def data_parallel(self) -> Optional[DataParallel]:
+        """The data-parallel setting in effect (``data_parallel='auto'`` resolved; None: no collectives)."""
+        if self._dp_state is not None:
+            return self._dp_state[0]
+        return dp_ops.resolve_data_parallel(self._data_parallel_arg, "CGGRModel")
+
     def _data_parallel_config(self, setting):
         # batch rows are compared every step (a packed batch's row count may differ between ranks in cggr.hf)
         return {"policy": self.policy, "schedule": self.schedule, "cggr_step": self._step, "seed": self.seed,

@@ -1,4 +1,4 @@
-"""The state_dict layout of ``CGGRModel``: exactly the wrapped model's keys plus ``cggr_step`` (0-dim int64,
+"""The state_dict layout of ``CGGRModel`` (and its ``get_metrics``): exactly the wrapped model's keys plus ``cggr_step`` (0-dim int64,
 the curriculum step), at any nesting depth, so that a checkpoint loads into the plain model and back.
 
 Saving overrides ``state_dict`` (which ``nn.Module`` also calls for children). Loading goes through hooks,
@@ -56,3 +56,25 @@ class StepStateDict:
             # A plain model's state_dict has no step: strict loading reports it, strict=False keeps the step.
             incompatible_keys.missing_keys.append(prefix + STEP_KEY)
 
+
+
+def step_metrics(last, step: int, curriculum_ratio: float, timer) -> dict:
+    """``CGGRModel.get_metrics``: the numbers of its last forward with labels (``last``, or None)."""
+    metrics = {"step": step, "curriculum_ratio": curriculum_ratio}
+    if last is None:
+        return metrics
+    tokens_total = int(last["tokens_total"].item())
+    tokens_selected = int(last["tokens_selected"].item())
+    metrics.update(
+        row_ratio=last["ratio"],
+        sequences_selected=last["sequences_selected"],
+        sequences_total=last["sequences_total"],
+        tokens_selected=tokens_selected,
+        tokens_total=tokens_total,
+        token_ratio=tokens_selected / tokens_total if tokens_total > 0 else 0.0,
+    )
+    if last["confidence"] is not None:
+        metrics["avg_confidence"] = float(last["confidence"].item())
+    if timer is not None and timer.result is not None:
+        metrics.update(timer.result)
+    return metrics

@@ -425,3 +425,22 @@ def test_add_reference_nll_equals_the_reference_row_by_row():
         add_reference_nll(dataset, reference, column="ref")
     with pytest.raises(ValueError, match="an example of 1 token"):
         add_reference_nll(datasets.Dataset.from_list([{"input_ids": [3]}]), reference)
+
+
+def test_an_iterable_dataset_that_runs_out_does_not_advance_the_curriculum(tmp_path):
+    """An IterableDataset shorter than max_steps: the Trainer asks for windows of an exhausted iterator;
+    the curriculum counts optimizer steps only, in the logs and in the checkpoints."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):
+            return iter(self.data)
+
+    t = trainer(tmp_path, data=Stream(examples(8)), max_steps=6, gradient_accumulation_steps=1,
+                save_strategy="steps", save_steps=2,
+                config=CGGRConfig(policy=RandomRows(), min_tokens_ratio=0.25, warmup_steps=6))
+    t.train()
+    assert t.cggr_model.step_count == t.state.global_step == 6
+    with open(tmp_path / "out" / "checkpoint-4" / "cggr_state.json") as f:
+        assert json.load(f)["cggr_step"] == 4

@@ -205,8 +205,10 @@ class CGGRTrainerMixin:
         if os.path.isdir(folder):
             state = {STEP_KEY: self.cggr_model.step_count, "seed": self.cggr_config.seed,
                      "policy": repr(self.cggr_model.policy), "curriculum_ratio": self.cggr_model.current_ratio}
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
+            path = os.path.join(folder, STATE_FILE)
+            with open(path + ".tmp", "w") as f:  # atomic: a kill leaves the old file or none, never half
                 json.dump(state, f, indent=2)
+            os.replace(path + ".tmp", path)
             if self.cggr_gate is not None:
                 self.cggr_gate.save(folder)
 
@@ -221,6 +223,8 @@ class CGGRTrainerMixin:
             except StopIteration:
                 break
         self._cggr_sync_model()
+        if not batches:  # the data ran out (an iterable dataset under max_steps): no step, no curriculum step
+            return batches, None
         t0 = _mark(self.args.device)
         with torch.no_grad(), self.accelerator.autocast():
             batches = [self._cggr_select(self._prepare_inputs(b)) for b in batches]
