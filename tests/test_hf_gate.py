@@ -11,6 +11,7 @@ from cggr.pruning import ConfidenceGatedStream  # noqa: E402
 from cggr.hf import CGGRConfig  # noqa: E402
 
 from test_hf import examples, pad_collate, trainer  # noqa: E402  (tests/ is on sys.path)
+from test_router import tiny_model  # noqa: E402
 
 GATE = ConfidenceGate(prune_ratio=0.5, anneal=0.25)
 
@@ -97,3 +98,17 @@ def test_a_datasets_dataset_with_unused_columns(tmp_path):
     t.train()
     assert t.state.global_step == 2 and int((~torch.isnan(t.cggr_gate.sampler.scores)).sum()) == 8
     assert t.train_dataset is data  # the trainer's dataset is given back unchanged
+
+
+def test_a_model_without_loss_kwargs_gets_the_same_window_loss(tmp_path):
+    """The gate's loss is normalised over the window already: the Trainer must not divide it by the
+    accumulation steps again for a model that declares accepts_loss_kwargs = False."""
+    losses = []
+    for accepts in (True, False):
+        model = tiny_model("llama")
+        model.accepts_loss_kwargs = accepts
+        t = trainer(tmp_path / str(accepts), model=model, data=examples(32), gradient_accumulation_steps=4,
+                    config=CGGRConfig(policy=ConfidenceGate(prune_ratio=0.5, anneal=0.0)))
+        t.train()
+        losses.append(t.state.log_history[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
