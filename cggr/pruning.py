@@ -46,7 +46,8 @@ class ConfidenceGate:
 
     def full_pass(self, epoch: int, num_epochs: int) -> bool:
         """Whether pass ``epoch`` (0-based) of ``num_epochs`` is in the annealing tail (every row)."""
-        return epoch >= math.ceil(num_epochs * (1.0 - self.anneal))
+        # rounded first: 10 * (1 - 0.7) is 3.0000000000000004 in floats, and its ceiling 4, not 3
+        return epoch >= math.ceil(round(num_epochs * (1.0 - self.anneal), 9))
 
 
 def _check_int(name, value, minimum):

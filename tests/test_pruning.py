@@ -167,3 +167,11 @@ def test_stream_epochs_have_a_fixed_length_and_more_passes():
     assert {w for _, w in seen[0]} == {1.0}  # the first pass: nothing known, every row, weight 1
     assert {round(w, 4) for pairs in seen[1:3] for _, w in pairs} == {1.0, 2.5}  # kept well-fit rows: 1 / (1 - 0.6)
     assert {w for _, w in seen[3][-5:]} == {1.0}  # the tail (last quarter of the stream): full passes
+
+
+@pytest.mark.parametrize("epochs,anneal,first_full", [(10, 0.7, 3), (10, 0.3, 7), (8, 0.125, 7), (3, 1.0, 0),
+                                                      (5, 0.0, 5)])
+def test_the_annealing_tail_is_the_last_share_of_the_passes(epochs, anneal, first_full):
+    """The tail starts at pass ceil(E * (1 - anneal)) computed exactly (no float off-by-one)."""
+    gate = ConfidenceGate(prune_ratio=0.5, anneal=anneal)
+    assert [e for e in range(epochs) if gate.full_pass(e, epochs)] == list(range(first_full, epochs))
