@@ -234,9 +234,10 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         Returns a ``RowSelection`` ([k] indices on the batch's device, optional row weights) or None when
         every row is kept. ``last_row_values`` then holds the [B] values the policy chose on (router scores
         or reference row means; None for ``RandomRows``; under ``DataParallel(selection='global')`` the
-        [W * B] values of every rank, and the indices are positions in that concatenated batch). Draws from the same generator stream as
-        ``forward`` (which calls it): integrations that choose rows ahead of the forward (``cggr.hf``) call
-        this, then ``forward(..., rows=selection)``. Same synchronisation contract as ``forward``.
+        [W * B] values of every rank, and the indices are positions in that concatenated batch). Draws from
+        the same generator stream as ``forward`` (which calls it): integrations that choose rows ahead of
+        the forward (``cggr.hf``) call this, then ``forward(..., rows=selection)``. Same synchronisation
+        contract as ``forward``.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a [B, T] tensor, got "

@@ -266,6 +266,7 @@ def train(model, build: Callable[..., Step], ratio: Optional[float], ctx: StepCo
         return train_loss
 
     lr = lr_at(0.0, optim)
+
     def used_by_all():
         # a time budget under torchrun: rank 0's clock on every rank, so that every rank evaluates, stops
         # and sets the learning rate at the same step (token budgets agree by construction)

@@ -127,7 +127,4 @@ def gated_compute_loss(trainer, model, inputs, num_items_in_batch):
     sampler.update(index.to(row_nll.device), row_nll)
     if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
         loss = loss * trainer.accelerator.num_processes  # the Trainer's convention: DDP averages the gradients
-    # normalised over the window already: the Trainer must not divide by the accumulation steps again (it
-    # would for a model with accepts_loss_kwargs=False); without num_items_in_batch it must (None: its rule)
-    trainer.loss_is_scaled_for_ga = True if num_items_in_batch is not None else None
     return loss, outputs

@@ -312,6 +312,9 @@ class CGGRTrainerMixin:
         inputs.pop(REFERENCE_KEY, None)
         if self.cggr_gate is not None and INDEX_KEY in inputs and self.model.training:
             loss, outputs = gated_compute_loss(self, model, inputs, num_items_in_batch)
+            # normalised over the window already: the Trainer must not divide by the accumulation steps again
+            # (it would for a model with accepts_loss_kwargs=False); without num_items_in_batch it must
+            self.loss_is_scaled_for_ga = True if num_items_in_batch is not None else None
             return (loss, outputs) if return_outputs else loss
         inputs.pop(INDEX_KEY, None)
         inputs.pop(WEIGHT_KEY, None)
