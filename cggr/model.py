@@ -43,10 +43,12 @@ from torch import nn
 from . import _legacy, ops
 from . import distributed as dp_ops
 from .distributed import DATA_PARALLEL_AUTO, DataParallel
-from .model_checks import check_causal_lm, check_selection, model_class_name, ratio_schedule
+from .model_checks import (check_causal_lm, check_select_inputs, check_selection, model_class_name,
+                           ratio_schedule)
 from .model_parallel import DataParallelRows
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
-from .options import StepOptions
+from .compile_blocks import begin_graph_call, compile_decoder_blocks
+from .options import BLOCK_SCOPES, StepOptions
 from .policies import POLICY_AUTO, RowPolicy, RowSelection, resolve_policy
 from .router import SUPPORTED_ARCHITECTURES, ModelTrunk, TruncatedRouter, create_truncated_router
 from .rows import IGNORE_INDEX, reference_row_means, rows_for_ratio, shifted_targets, weighted_row_loss
@@ -178,6 +180,9 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
             trunk = torch.compile(trunk, **compile_options)
         if compile_scope in ("model", "all"):
             forward_model = torch.compile(forward_model, **compile_options)
+        self._cuda_graphs = compile_scope == "blocks-cudagraphs"
+        if compile_scope in BLOCK_SCOPES:  # in place: router, trained rows and evaluation run them compiled
+            compile_decoder_blocks(model, cuda_graphs=self._cuda_graphs, **compile_options)
         # Plain attributes: the compiled wrapper (an nn.Module) must not register the model twice.
         self.__dict__["_trunk_fn"] = trunk
         self.__dict__["_forward_model"] = forward_model
@@ -239,27 +244,10 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         the forward (``cggr.hf``) call this, then ``forward(..., rows=selection)``. Same synchronisation
         contract as ``forward``.
         """
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a [B, T] tensor, got "
-                             f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
-        if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
-            raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} to match input_ids, "
-                             f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask: expected a 2-D mask of shape {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if reference_nll is None and self.policy.needs_reference_nll:
-            raise ValueError(f"reference_nll: {self.policy!r} ranks rows by a reference model's NLL; pass "
-                             "reference_nll=[B, T-1] (cggr.reference.ReferenceModel computes it)")
-        if reference_nll is not None and not self.policy.needs_reference_nll:
-            raise ValueError(f"reference_nll was given, but {self.policy!r} does not use it; pass "
-                             "policy=cggr.ExcessLossRows() to train on the rows with the highest excess loss "
-                             "(the measured default with a reference), or drop reference_nll")
+        check_select_inputs(self.policy, input_ids, labels, attention_mask, reference_nll)
+        if self._cuda_graphs and not self._in_forward:  # an integration's call ahead of forward(rows=...)
+            begin_graph_call(input_ids.device, "CGGRModel.select_rows")
         B, T = input_ids.shape
-        if reference_nll is not None and (not isinstance(reference_nll, torch.Tensor)
-                                          or tuple(reference_nll.shape) != (B, T - 1)):
-            raise ValueError(f"reference_nll: expected a tensor of shape {(B, T - 1)} (one value per shifted "
-                             f"target), got {tuple(reference_nll.shape) if isinstance(reference_nll, torch.Tensor) else type(reference_nll).__name__}")
         dp = self._data_parallel(B, input_ids.device)
         self._router_row_nll = None
         self.last_row_values = None
@@ -315,6 +303,8 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         concatenation of every rank's batch (what ``select_rows`` returns there); this rank trains those
         rows, received from their ranks.
         """
+        if self._cuda_graphs:
+            begin_graph_call(input_ids.device, "CGGRModel")
         if labels is None:
             return self.model(input_ids, attention_mask=attention_mask, **kwargs)
         self._in_forward = True

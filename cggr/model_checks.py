@@ -56,3 +56,28 @@ def ratio_schedule(schedule, min_tokens_ratio, warmup_steps, defaults_given):
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES} or a cggr.RatioSchedule, got {schedule!r}")
     return RatioSchedule(min_tokens_ratio, warmup_steps, schedule, dynamic_threshold=False)
+
+
+def check_select_inputs(policy, input_ids, labels, attention_mask, reference_nll):
+    """``CGGRModel.select_rows``'s argument checks (shapes, and a reference NLL exactly when the policy uses one)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a [B, T] tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} to match input_ids, "
+                         f"got {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"attention_mask: expected a 2-D mask of shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if reference_nll is None and policy.needs_reference_nll:
+        raise ValueError(f"reference_nll: {policy!r} ranks rows by a reference model's NLL; pass "
+                         "reference_nll=[B, T-1] (cggr.reference.ReferenceModel computes it)")
+    if reference_nll is not None and not policy.needs_reference_nll:
+        raise ValueError(f"reference_nll was given, but {policy!r} does not use it; pass "
+                         "policy=cggr.ExcessLossRows() to train on the rows with the highest excess loss "
+                         "(the measured default with a reference), or drop reference_nll")
+    B, T = input_ids.shape
+    if reference_nll is not None and (not isinstance(reference_nll, torch.Tensor)
+                                      or tuple(reference_nll.shape) != (B, T - 1)):
+        raise ValueError(f"reference_nll: expected a tensor of shape {(B, T - 1)} (one value per shifted "
+                         f"target), got {tuple(reference_nll.shape) if isinstance(reference_nll, torch.Tensor) else type(reference_nll).__name__}")

@@ -9,16 +9,27 @@ from typing import Optional, Union
 from .policies import short_repr
 from .schedule import check_ratio
 
-COMPILE_SCOPES = ("router", "model", "all")
+COMPILE_SCOPES = ("router", "model", "all", "blocks", "blocks-cudagraphs")
+BLOCK_SCOPES = ("blocks", "blocks-cudagraphs")
 LOSS_IMPLS = ("model", "fused")
 FORWARD_IMPLS = ("model", "trunk")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class StepOptions:
-    """``compile``: False, True (= 'all'), 'router' (the router trunk), 'model' (the trained rows' forward) or
-    'all'; ``compile_options`` go to ``torch.compile``. The row count is fixed per ratio, so shapes are
-    static once the curriculum reaches its floor.
+    """``compile``: False, True (= 'all'), 'router' (the router trunk), 'model' (the trained rows' forward),
+    'all', 'blocks' or 'blocks-cudagraphs'; ``compile_options`` go to ``torch.compile``. The row count is
+    fixed per ratio, so shapes are static once the curriculum reaches its floor.
+
+    **The fast step on CUDA is ``compile='blocks-cudagraphs'``**: every decoder block of the model is compiled
+    in place (``cggr.compile_blocks``: one graph per shape shared by all blocks, so the first step compiles a
+    handful of graphs) and replayed as a CUDA graph, for the router, the trained rows and evaluation alike:
+    one launch per block, so a slow host keeps the GPU busy. Its contract: CUDA inputs; static shapes (one
+    graph set per row count: use ``warmup_steps=0`` or expect a compilation per new count during the
+    warm-up); each call overwrites the previous call's block outputs, so one forward, then its backward,
+    per call (gradient accumulation over micro-batches is fine; keep ``.clone()`` of any hidden state you
+    hold across calls). The model's blocks stay compiled after training. 'blocks' compiles the same way
+    without CUDA graphs (any device).
 
     ``loss_impl``: 'model' (the model's own ``labels=`` loss, exactly Hugging Face's) or 'fused' (the base
     model + ``cggr.linear.fused_linear_selective_ce``: LM head and cross entropy without [k, T, V] logits;

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .. import compile_blocks
+from ..compile_blocks import begin_graph_step, compiled_graph_count, decoder_blocks  # noqa: F401 (the bench's names)
 from .settings import COMPILE_MODES
 
 
@@ -91,64 +93,13 @@ class ModelSource:
         return model.to(device).train()
 
 
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The repeated blocks of a Hugging Face causal LM (``layers`` of Llama-style models, ``h`` of GPT-2)."""
-    base = getattr(model, "base_model", None)
-    for name in ("layers", "h"):
-        blocks = getattr(base, name, None)
-        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            return blocks
-    raise TypeError(f"{type(model).__name__}: no decoder blocks found (looked for base_model.layers and "
-                    "base_model.h as a non-empty nn.ModuleList)")
-
-
-_graph_trees_in_use = False
-
-
 def compile_decoder_blocks(model, mode: str = "blocks", **options):
-    """``torch.compile`` every decoder block in place (``nn.Module.compile``), static shapes.
-
-    In place, so that everything that calls the blocks runs them compiled: the training forward, the
-    CGGRModel router (it calls the model's own first blocks) and evaluation. Blocks of one shape share one
-    graph per (shape, grad mode, caller's keywords): a 30-block model compiles a handful of graphs, not 30.
-    What stays eager around them (embedding, final norm, LM head, loss, optimizer) is the same for every
-    configuration. Static shapes (``dynamic=False``): each row count is its own graph, so a configuration
-    must keep one row count (no selection curriculum) to compile outside the clock only.
-
-    ``mode='blocks-cudagraphs'`` also replays each block's kernels as a CUDA graph (inductor's
-    ``reduce-overhead``): one launch per block instead of dozens, for hosts too slow to keep a small
-    step's GPU busy. Callers then mark each training step and evaluation batch (``begin_graph_step``).
-    """
-    import torch._dynamo
-
-    global _graph_trees_in_use
+    """``cggr.compile_blocks.compile_decoder_blocks`` by the bench's ``--compile`` name: 'blocks' (static
+    shapes) or 'blocks-cudagraphs' (also CUDA graphs; callers mark each training step and evaluation batch
+    with ``begin_graph_step``)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    if mode == "blocks-cudagraphs":
-        options.setdefault("mode", "reduce-overhead")
-        _graph_trees_in_use = True
-    # Past the recompile limit Dynamo would quietly run the block eagerly: fail instead. Every block of
-    # every model in the process shares one code object, hence one limit: a reference model, a trained
-    # model, grad and no-grad callers and a few row counts are about 8 graphs already; 64 leaves room.
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    options.setdefault("dynamic", False)
-    for block in decoder_blocks(model):
-        block.compile(**options)
-
-
-def begin_graph_step():
-    """A training step or evaluation batch begins: with CUDA-graphed blocks, the previous step's graph
-    outputs may now be overwritten (``torch.compiler.cudagraph_mark_step_begin``); otherwise nothing."""
-    if _graph_trees_in_use:
-        torch.compiler.cudagraph_mark_step_begin()
-
-
-def compiled_graph_count() -> int:
-    """Graphs Dynamo has compiled in this process so far (its own statistics counter)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    compile_blocks.compile_decoder_blocks(model, cuda_graphs=mode == "blocks-cudagraphs", **options)
 
 
 def check_vocab(model, vocab_size: int):
