@@ -16,11 +16,16 @@ Variants (each ratio in --ratios, each compile scope in --compile, each loss_imp
   cggr@R          cggr.CGGRModel(policy=HardestRows(scoring, RouterSettings(layers=--router-layers,
                   chunk_size=--router-chunk-size)), schedule=RatioSchedule(R, 0, dynamic_threshold=False unless
                   --dynamic-threshold), step_options=StepOptions(compile, loss_impl, ...)): ceil(R * B) rows
+  excess@R        CGGRModel(policy=ExcessLossRows()): the default with a reference (1-block router scoring
+                  every 8th position, excess loss against a fixed random reference NLL)
   random@R        CGGRModel(policy=RandomRows()): the same ceil(R * B) rows drawn uniformly, no router:
                   the cost of the row split alone
   v050@R          cggr==0.5.0's CGGRModel (create_truncated_router(model, num_layers=4),
                   warmup_steps=0, dynamic_threshold=True) when benchmarks.comparators can load it; its
                   own row count (reported) follows its dynamic threshold
+Compile scopes: none, router, model, all (torch.compile of the router trunk / the trained forward), blocks and
+blocks-cudagraphs (StepOptions(compile=...): every decoder block compiled in place, with CUDA graphs; the
+standard step then runs the same compiled blocks). Dynamo is reset before each variant.
 Timing: CUDA events around each step after --warmup steps (compiled variants: compilation happens in the
 warm-up; its time is reported as first_step_s), median (and p10/p90) of --steps steps. Router share: a
 few extra steps of a second CGGRModel over the same model and optimizer with
@@ -48,7 +53,10 @@ import transformers as tf
 # run as a script (python benchmarks/bench_model_step.py): the repository root holds `benchmarks` and `cggr`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.comparators import load_cggr_v050  # noqa: E402
-from cggr import CGGRModel, HardestRows, RandomRows, RatioSchedule, RouterSettings, StepOptions  # noqa: E402
+from cggr import (CGGRModel, ExcessLossRows, HardestRows, RandomRows, RatioSchedule, RouterSettings,  # noqa: E402
+                  StepOptions)
+from cggr.compile_blocks import begin_graph_step, compile_decoder_blocks  # noqa: E402
+from cggr.options import BLOCK_SCOPES  # noqa: E402
 from cggr.rows import rows_for_ratio  # noqa: E402
 
 GOAL_VS_STANDARD = 2.5
@@ -113,21 +121,28 @@ def fresh_model(config, init_state, device, dtype):
 def cggr_wrapper(model, spec, args, collect_timing=False):
     """CGGRModel of a cggr / random variant (module docstring)."""
     kind, ratio, scope, loss_impl = spec["kind"], spec["ratio"], spec["compile"], spec["loss_impl"]
-    if kind == "cggr":
+    if kind == "excess":  # the default with a reference: 1-block router, every 8th position
+        policy = ExcessLossRows()
+    elif kind == "cggr":
         policy = HardestRows(scoring=args.scoring,
                              router=RouterSettings(layers=args.router_layers, chunk_size=args.router_chunk_size))
     else:
         policy = RandomRows()
     schedule = RatioSchedule(ratio, 0, dynamic_threshold=args.dynamic_threshold and kind == "cggr")
+    if collect_timing and scope in BLOCK_SCOPES:
+        scope = "none"  # the blocks are compiled in place already: a second compilation would only re-trace
     options = StepOptions(compile=False if scope == "none" else scope, compile_options=args.compile_options,
                           loss_impl=loss_impl, token_ratio=args.token_ratio if loss_impl == "fused" else 1.0,
                           loss_chunk_size=args.loss_chunk_size, collect_timing=collect_timing)
     return CGGRModel(model, policy=policy, schedule=schedule, step_options=options)
 
 
-def cggr_step_fn(wrapper, opt):
+def cggr_step_fn(wrapper, opt, reference=None):
+    kwargs = {} if reference is None else {"reference_nll": reference}
+
     def step(ids, labels):
-        loss = wrapper(ids, labels=labels)
+        begin_graph_step()  # CGGRModel marks its own calls; this covers the timing wrapper built with compile off
+        loss = wrapper(ids, labels=labels, **kwargs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -145,16 +160,19 @@ def build_variant(spec, config, init_state, args, device, dtype, v050):
     wrapper = None
     if kind == "standard":
         fwd = torch.compile(model, **args.compile_options) if scope in ("model", "all") else model
+        if scope in BLOCK_SCOPES:
+            compile_decoder_blocks(model, cuda_graphs=scope == "blocks-cudagraphs", **args.compile_options)
 
         def step(ids, labels):
+            begin_graph_step()
             loss = fwd(input_ids=ids, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
-    elif kind in ("cggr", "random"):
+    elif kind in ("cggr", "random", "excess"):
         wrapper = cggr_wrapper(model, spec, args)
-        step = cggr_step_fn(wrapper, opt)
+        step = cggr_step_fn(wrapper, opt, reference_for(spec, args, device))
     elif kind == "v050":
         wrapper = v050.CGGRModel(model, router=v050.create_truncated_router(model, num_layers=args.router_layers),
                                  min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=True)
@@ -174,7 +192,17 @@ def build_variant(spec, config, init_state, args, device, dtype, v050):
     return step, wrapper, model, opt, info
 
 
+def reference_for(spec, args, device):
+    """A fixed [B, T-1] reference NLL for the excess variant (its values do not change the step's cost)."""
+    if spec["kind"] != "excess":
+        return None
+    g = torch.Generator(device=device).manual_seed(2)
+    return 10.0 * torch.rand(spec["batch"], args.seq - 1, device=device, generator=g)
+
+
 def run_variant(spec, config, init_state, batches, args, device, dtype, v050):
+    torch._dynamo.reset()  # each variant compiles from scratch: first_step_s is its own compile time
+    spec = dict(spec, batch=batches[0][0].shape[0])
     step, wrapper, model, opt, info = build_variant(spec, config, init_state, args, device, dtype, v050)
     B = batches[0][0].shape[0]
     warmup = args.warmup + (args.compile_warmup if spec["compile"] != "none" else 0)
@@ -199,7 +227,7 @@ def run_variant(spec, config, init_state, batches, args, device, dtype, v050):
                step_ms=statistics.median(times), p10_ms=times[int(0.1 * (len(times) - 1))],
                p90_ms=times[int(0.9 * (len(times) - 1))], peak_gb=peak_gb, **info)
     row["tokens_per_s"] = B * row["seq"] / (row["step_ms"] / 1e3)
-    if spec["kind"] in ("cggr", "random"):
+    if spec["kind"] in ("cggr", "random", "excess"):
         m = wrapper.get_metrics()
         row["rows"] = m["sequences_selected"]
         row["tokens_trained"] = m["tokens_selected"]
@@ -207,7 +235,7 @@ def run_variant(spec, config, init_state, batches, args, device, dtype, v050):
             # StepOptions are fixed at construction: a second wrapper with timing on, over the same model and
             # optimizer (its synchronisation in step() stays out of the timed steps above)
             timed = cggr_wrapper(model, spec, args, collect_timing=True)
-            timed_step = cggr_step_fn(timed, opt)
+            timed_step = cggr_step_fn(timed, opt, reference_for(spec, args, device))
             for i in range(args.compile_warmup if spec["compile"] != "none" else 0):
                 timed_step(*batches[i % len(batches)])
             shares = []
@@ -233,13 +261,15 @@ def run_variant(spec, config, init_state, batches, args, device, dtype, v050):
 def variant_specs(args, v050):
     specs = []
     for scope in args.compile:
-        if "standard" in args.variants and scope in ("none", "model", "all"):
+        if "standard" in args.variants and scope in ("none", "model", "all") + BLOCK_SCOPES:
             specs.append({"kind": "standard", "ratio": 1.0, "compile": scope, "loss_impl": "model"})
     for ratio in args.ratios:
         for scope in args.compile:
             for loss_impl in args.loss_impl:
                 if "cggr" in args.variants:
                     specs.append({"kind": "cggr", "ratio": ratio, "compile": scope, "loss_impl": loss_impl})
+                if "excess" in args.variants:
+                    specs.append({"kind": "excess", "ratio": ratio, "compile": scope, "loss_impl": loss_impl})
                 if "random" in args.variants and scope != "router":
                     specs.append({"kind": "random", "ratio": ratio, "compile": scope, "loss_impl": loss_impl})
     # The comparator runs last: if it fails on this transformers/torch, our numbers are already written.
@@ -275,9 +305,10 @@ def main(argv=None):
                    help="extra steps with StepOptions(collect_timing=True)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     p.add_argument("--variants", nargs="+", default=["standard", "cggr", "random", "v050"],
-                   choices=["standard", "cggr", "random", "v050"])
-    p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "router", "model", "all"],
-                   help="compile scopes to run (each variant once per scope; standard: model/all only)")
+                   choices=["standard", "cggr", "random", "excess", "v050"])
+    p.add_argument("--compile", nargs="+", default=["none"], choices=["none", "router", "model", "all"] + list(BLOCK_SCOPES),
+                   help="compile scopes to run (each variant once per scope; standard: model/all/blocks* only); "
+                        "blocks-cudagraphs is StepOptions(compile='blocks-cudagraphs'), the fast step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--loss-impl", nargs="+", default=["model"], choices=["model", "fused"])
     p.add_argument("--token-ratio", type=float, default=1.0, help="StepOptions.token_ratio (loss-impl fused)")
@@ -365,7 +396,7 @@ def main(argv=None):
 
     goals = []
     for r in rows:
-        if r["kind"] == "cggr" and r["ratio"] == 0.25 and r["speedup_vs_standard"] is not None:
+        if r["kind"] in ("cggr", "excess") and r["ratio"] == 0.25 and r["speedup_vs_standard"] is not None:
             goals.append(f"{r['name']}: {fmt(r['speedup_vs_standard'], '.2f')}x vs eager standard "
                          f"(goal >= {GOAL_VS_STANDARD}x: {'met' if (r['speedup_vs_standard'] or 0) >= GOAL_VS_STANDARD else 'NOT met'})"
                          + ("" if r["speedup_vs_v050"] is None else

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 B, T, V = 8, 256, 49152
 STEPS, WARMUP, EVERY = 2000, 200, 100
-ALLOCATED_BOUND_MB = 4.0
+ALLOCATED_BOUND_MB = 0.5  # measured 0.83 MB = 1,700 x 512 B while the losses were kept as a list
 LOSS_TOLERANCE = 1e-2  # absolute, on losses near 10.8 (bf16 weights)
 COMPARED_STEPS = 200
 
@@ -42,7 +42,7 @@ def _run(steps, probe=None):
     cggr_model = CGGRModel(model, policy=ExcessLossRows(), min_tokens_ratio=0.25, warmup_steps=0, seed=7)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1)
-    losses = []
+    losses = torch.empty(steps, device="cuda")  # preallocated: a list of 0-dim CUDA tensors grows 512 B a step
     for step in range(steps):
         ids = torch.randint(0, V, (B, T), device="cuda", generator=g)
         reference = 10.0 * torch.rand(B, T - 1, device="cuda", generator=g)
@@ -51,10 +51,10 @@ def _run(steps, probe=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cggr_model.step()
-        losses.append(loss.detach())
+        losses[step] = loss.detach()
         if probe is not None:
             probe(step)
-    return torch.stack(losses).float().cpu()
+    return losses.cpu()
 
 
 def test_two_thousand_steps_flat_memory_and_repeatable_losses():

@@ -152,6 +152,40 @@ def test_compiled_step_matches_eager_and_does_not_sync(loss_impl):
     assert compiled_model.model.layers[-1].mlp.down_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("policy", [hardest, lambda: ExcessLossRows(RouterSettings(layers=1, token_stride=8))],
+                         ids=["hardest", "excess"])
+def test_cuda_graphed_blocks_match_eager_and_stop_compiling(policy):
+    """StepOptions(compile='blocks-cudagraphs'), the fast step: the same losses as eager over a few optimizer
+    steps, no new graph after the first steps, and evaluation through the same graphed blocks."""
+    from cggr.compile_blocks import compiled_graph_count
+
+    torch._dynamo.reset()
+    ids, labels = batch()
+    reference = 5.0 * torch.rand(ids.shape[0], ids.shape[1] - 1, device="cuda")
+    kwargs = {"reference_nll": reference} if policy().needs_reference_nll else {}
+    losses = {}
+    for name, options in (("eager", StepOptions()), ("graphs", StepOptions(compile="blocks-cudagraphs"))):
+        model = llama()
+        cggr = CGGRModel(model, min_tokens_ratio=0.25, warmup_steps=0, policy=policy(), step_options=options)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses[name] = []
+        for step in range(6):
+            if step == 3:
+                graphs = compiled_graph_count()
+            loss = cggr(ids, labels=labels, **kwargs)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            cggr.step()
+            losses[name].append(loss.item())
+        if name == "graphs":
+            assert compiled_graph_count() == graphs, "a graph was compiled after the warm-up steps"
+        cggr.eval()
+        with torch.no_grad():
+            losses[name].append(cggr(ids, labels=labels).item())
+    torch.testing.assert_close(torch.tensor(losses["graphs"]), torch.tensor(losses["eager"]), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("make", [llama, gpt2])
 @pytest.mark.parametrize("loss_impl", ["model", "fused"])
 def test_trunk_forward_trains_without_a_host_sync(make, loss_impl):
