@@ -212,6 +212,35 @@ def test_packed_batches_select_whole_sequences(tmp_path):
     assert t.state.log_history[0]["cggr/kept_rows"] == 0.5
 
 
+def test_a_packed_micro_batch_without_targets_runs_its_forward_and_trains_nothing(tmp_path):
+    """A packed micro-batch whose sequences are all unlabelled (-100): its forward still runs (on the whole
+    batch: data-parallel ranks run the same collectives) with a zero loss; the window's loss and update are
+    the other micro-batch's alone. A window with no target at all trains nothing (loss 0, not NaN)."""
+    data = examples(12, seed=5)
+    data = [dict(e, labels=[-100] * len(e["input_ids"])) if i < 6 else e for i, e in enumerate(data)]
+    runs = {}
+    for name, subset, accumulation in (("mixed", data, 2), ("labelled", data[6:], 1), ("unlabelled", data[:6], 1)):
+        model = tiny_model("llama")
+        t = trainer(tmp_path / name, model=model, data=subset, collator=tf.DataCollatorWithFlattening(),
+                    per_device_train_batch_size=6, gradient_accumulation_steps=accumulation)
+        recorder = ForwardRecorder(model)
+        t.train()
+        runs[name] = (recorder.calls, t.state.log_history[0], params(model))
+    calls, log, weights = runs["mixed"]
+    assert len(calls) == 2
+    assert torch.equal(calls[0]["input_ids"][0], torch.tensor([i for e in data[:6] for i in e["input_ids"]]))
+    assert "labels" not in calls[0]
+    _, want_log, want_weights = runs["labelled"]
+    assert log["loss"] == pytest.approx(want_log["loss"], abs=1e-6)
+    assert log["cggr/kept_rows"] == want_log["cggr/kept_rows"] == 0.5  # the unlabelled sequences are no rows
+    for name, w in weights.items():
+        torch.testing.assert_close(w, want_weights[name], msg=name)
+    calls, log, weights = runs["unlabelled"]
+    assert len(calls) == 1 and log["loss"] == 0.0
+    start = params(tiny_model("llama"))
+    assert all(torch.equal(w, start[name]) for name, w in weights.items())
+
+
 # -- references -----------------------------------------------------------------------------------------------
 def test_reference_on_the_fly_and_precomputed_column_choose_the_same_rows(tmp_path):
     data = examples(8, seed=7)
