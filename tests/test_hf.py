@@ -180,6 +180,24 @@ def test_resume_continues_the_selection_state_and_the_losses(tmp_path, policy):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_second_train_without_resume_restarts_the_selection_state(tmp_path):
+    """model_init, train() twice: the second run starts from a new model and global_step 0, and so does its
+    curriculum (the same kept rows and losses as the first run), not from the first run's last step."""
+    config = CGGRConfig(policy=RandomRows(), min_tokens_ratio=0.25, warmup_steps=2)
+    t = CGGRTrainer(model_init=lambda: tiny_model("llama"), args=training_args(tmp_path, max_steps=2),
+                    train_dataset=examples(), data_collator=pad_collate, cggr_config=config)
+
+    def logged(run):
+        return [(log["loss"], log["cggr/kept_rows"], log["cggr/step"]) for log in run.log_history if "loss" in log]
+
+    t.train()
+    first = logged(t.state)
+    assert [kept for _, kept, _ in first] == [1.0, 0.75] and t.cggr_model.step_count == 2
+    t.train()
+    assert t.cggr_model.step_count == 2
+    assert logged(t.state) == first
+
+
 # -- packed (padding-free) batches ----------------------------------------------------------------------------
 def test_packed_batches_select_whole_sequences(tmp_path):
     """DataCollatorWithFlattening packs a micro-batch into one row; each packed sequence is a row to select, and

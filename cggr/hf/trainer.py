@@ -179,6 +179,9 @@ class CGGRTrainerMixin:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             self._cggr_load_state(resume_from_checkpoint)
+        else:  # a fresh run (the Trainer restarts its global_step): the selection state restarts from step 0
+            self.cggr_model = self._build_cggr_model()
+            self.cggr_window, self._cggr_step_start = _Window(), None
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
