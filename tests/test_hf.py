@@ -326,6 +326,26 @@ def test_lora_adapters_are_trained_and_routed(tmp_path):
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
 
 
+def test_a_lora_adapter_on_lm_head_is_refused_by_the_fused_loss():
+    """The fused loss reads lm_head.weight directly: an adapted head (PEFT wrapper or its base model) is refused
+    with what to do, instead of its adapter being ignored; the model's own loss, or no adapter on lm_head, run."""
+    peft = pytest.importorskip("peft")
+    from cggr import CGGRModel
+
+    def lora(targets):
+        return peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=targets,
+                                                                         task_type="CAUSAL_LM"))
+
+    fused, plain = StepOptions(loss_impl="fused"), StepOptions(loss_impl="model")
+    adapted = lora(["q_proj", "lm_head"])
+    for model in (adapted, adapted.get_base_model()):
+        with pytest.raises(ValueError, match=r"loss_impl='fused'\) does not support an adapted LM head: .*peft.*"
+                                             r"reads lm_head.weight directly.*target_modules.*loss_impl='model'"):
+            CGGRModel(model, policy=RandomRows(), step_options=fused)
+    CGGRModel(adapted.get_base_model(), policy=RandomRows(), step_options=plain)
+    CGGRModel(lora(["q_proj"]).get_base_model(), policy=RandomRows(), step_options=fused)
+
+
 def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
     data = examples(16, seed=4)
     model = tiny_model("llama")
