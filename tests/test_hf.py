@@ -198,6 +198,21 @@ def test_a_second_train_without_resume_restarts_the_selection_state(tmp_path):
     assert logged(t.state) == first
 
 
+def test_the_cggr_state_is_in_the_checkpoint_when_it_is_pushed(tmp_path):
+    """push_to_hub pushes each checkpoint folder from inside Trainer._save_checkpoint: cggr_state.json must be
+    there by then (no network: the push is replaced by a recorder; push_to_hub set after construction, where
+    the Trainer would create the Hub repository)."""
+    t = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    t.args.push_to_hub = True
+    pushed = []
+    t._push_from_checkpoint = lambda folder: pushed.append(
+        (os.path.basename(folder), os.path.exists(os.path.join(folder, "cggr_state.json"))))
+    t.train()
+    assert pushed == [("checkpoint-1", True), ("checkpoint-2", True)]
+    with open(tmp_path / "out" / "checkpoint-2" / "cggr_state.json") as f:
+        assert json.load(f)["cggr_step"] == 2
+
+
 # -- packed (padding-free) batches ----------------------------------------------------------------------------
 def test_packed_batches_select_whole_sequences(tmp_path):
     """DataCollatorWithFlattening packs a micro-batch into one row; each packed sequence is a row to select, and

@@ -201,11 +201,11 @@ class CGGRTrainerMixin:
         self.cggr_model.load_state_dict({STEP_KEY: torch.tensor(int(state[STEP_KEY]))}, strict=False)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if os.path.isdir(folder):
+        # before super(): it pushes the checkpoint folder to the Hub (push_to_hub) before it returns
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")  # the folder super() saves
+            os.makedirs(folder, exist_ok=True)
             state = {STEP_KEY: self.cggr_model.step_count, "seed": self.cggr_config.seed,
                      "policy": repr(self.cggr_model.policy), "curriculum_ratio": self.cggr_model.current_ratio}
             path = os.path.join(folder, STATE_FILE)
@@ -214,6 +214,7 @@ class CGGRTrainerMixin:
             os.replace(path + ".tmp", path)
             if self.cggr_gate is not None:
                 self.cggr_gate.save(folder)
+        super()._save_checkpoint(model, trial)
 
     # -- row selection -------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
