@@ -43,8 +43,8 @@ from torch import nn
 from . import _legacy, ops
 from . import distributed as dp_ops
 from .distributed import DATA_PARALLEL_AUTO, DataParallel
-from .model_checks import (check_causal_lm, check_select_inputs, check_selection, model_class_name,
-                           ratio_schedule)
+from .model_checks import (check_causal_lm, check_fused_head, check_select_inputs, check_selection,
+                           model_class_name, ratio_schedule)
 from .model_parallel import DataParallelRows
 from .linear import fused_linear_selective_ce, token_stats_from_hidden
 from .compile_blocks import begin_graph_call, compile_decoder_blocks
@@ -124,6 +124,7 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         if not isinstance(options, StepOptions):
             raise TypeError(f"step_options must be a cggr.StepOptions, got {type(options).__name__}")
         self.step_options = options
+        check_fused_head(model, options.loss_impl)  # before the architecture check: a PEFT wrapper's name fails it
         for name in ("fused", "trunk"):
             active = options.loss_impl == "fused" if name == "fused" else options.forward_impl == "trunk"
             if active and model_class_name(model) not in SUPPORTED_ARCHITECTURES:

@@ -33,6 +33,20 @@ def check_causal_lm(model):
                     "model's own labels= loss")
 
 
+def check_fused_head(model, loss_impl: str):
+    """``loss_impl='fused'`` multiplies the hidden states by the LM head's weight itself: an adapted head
+    (PEFT's LoRA on lm_head wraps the Linear, kept as ``base_layer``) would have its adapter ignored."""
+    if loss_impl != "fused" or not hasattr(model, "get_output_embeddings"):
+        return
+    head = model.get_output_embeddings()
+    if isinstance(getattr(head, "base_layer", None), nn.Module):
+        raise ValueError("StepOptions(loss_impl='fused') does not support an adapted LM head: get_output_embeddings() "
+                         f"is a {type(head).__module__}.{type(head).__qualname__} (an adapter on lm_head), and the "
+                         "fused loss reads lm_head.weight directly, so the adapter would be ignored. Leave lm_head "
+                         "out of the adapter (LoraConfig(target_modules=...) without 'lm_head'), or use "
+                         "StepOptions(loss_impl='model')")
+
+
 def check_selection(selection, batch_size, device):
     """Host-only checks of a ``RowSelection`` (from a policy or the caller), naming what is wrong."""
     idx, weight = selection.indices, selection.row_weight

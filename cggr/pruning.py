@@ -98,6 +98,7 @@ class ConfidenceGatedSampler(Sampler):
         self._pending = []  # (indices, losses) reported by update, still on their device (no sync per step)
         self.epoch = 0
         self._plan = None  # (order [n] int64: this pass's kept indices, weights [num_samples] float32)
+        self._full_pass = None  # whether this pass was drawn as a full one (set_epoch may decide it)
 
     # -- the plan of a pass ---------------------------------------------------------------------------------
     @property
@@ -125,10 +126,11 @@ class ConfidenceGatedSampler(Sampler):
         if epoch != self.epoch or self._plan is None:
             self.epoch = epoch
             full = self.gate.full_pass(epoch, self.num_epochs) if full_pass is None else bool(full_pass)
-            self._plan = self._draw_plan(epoch, full)
+            self._plan, self._full_pass = self._draw_plan(epoch, full), full
 
     def _make_plan(self, epoch):
-        return self._draw_plan(epoch, self.gate.full_pass(epoch, self.num_epochs))
+        self._full_pass = self.gate.full_pass(epoch, self.num_epochs)
+        return self._draw_plan(epoch, self._full_pass)
 
     def _draw_plan(self, key: int, full: bool):
         """(order, weights) of one pass from the scores as they are now; ``key`` seeds its draws."""
@@ -198,18 +200,19 @@ class ConfidenceGatedSampler(Sampler):
 
     # -- what a pass does -------------------------------------------------------------------------------------
     def pass_stats(self) -> dict:
-        """The current pass: rows kept and pruned, whether it is in the annealing tail."""
+        """The current pass: rows kept and pruned, whether it was drawn full (the annealing tail, or
+        ``set_epoch(..., full_pass=True)``)."""
         order, weights = self._this_pass()
         return {"epoch": self.epoch, "rows_kept": int(order.numel()), "rows_total": self.num_samples,
-                "rows_pruned": self.num_samples - int(order.numel()),
-                "full_pass": self.gate.full_pass(self.epoch, self.num_epochs),
+                "rows_pruned": self.num_samples - int(order.numel()), "full_pass": self._full_pass,
                 "rows_upweighted": int((weights > 1).sum())}
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         order, weights = self._this_pass()
         return {"scores": self.scores.clone(), "epoch": self.epoch, "order": order.clone(), "weights": weights.clone(),
-                "gate": dataclasses.asdict(self.gate), "num_epochs": self.num_epochs, "seed": self.seed}
+                "full_pass": self._full_pass, "gate": dataclasses.asdict(self.gate), "num_epochs": self.num_epochs,
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict):
         scores = state["scores"]
@@ -224,6 +227,9 @@ class ConfidenceGatedSampler(Sampler):
         self._pending = []
         self.epoch = int(state["epoch"])
         self._plan = (state["order"].to(torch.int64).clone(), state["weights"].to(torch.float32).clone())
+        # a state saved before full_pass was kept: the annealing tail's answer, what pass_stats reported then
+        self._full_pass = bool(state["full_pass"]) if "full_pass" in state else \
+            self.gate.full_pass(self.epoch, self.num_epochs)
 
 
 class ConfidenceGatedStream(ConfidenceGatedSampler):
@@ -261,6 +267,7 @@ class ConfidenceGatedStream(ConfidenceGatedSampler):
         self.pass_index += 1
         full = start >= (1.0 - self.gate.anneal) * self.num_epochs * self.num_samples
         self._passes.append((start, *self._draw_plan(self.pass_index, full)))
+        self._full_pass = full  # the current pass's, saved by state_dict
 
     def __iter__(self):
         start = self.epoch * self.num_samples
@@ -318,6 +325,11 @@ def gated_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weight:
     (the weighted count of a whole accumulation window, summed over ranks by the caller), float32;
     ``row_nll`` [B] float32, NaN for a row without targets.
     """
+    expected = (labels.shape[0],)
+    if not isinstance(row_weight, torch.Tensor) or tuple(row_weight.shape) != expected:
+        # a [B, 1] or [1] weight would broadcast against the [B] counts into a wrong loss without an error
+        got = tuple(row_weight.shape) if isinstance(row_weight, torch.Tensor) else type(row_weight).__name__
+        raise ValueError(f"row_weight: expected a tensor of shape {expected} (one weight per row of labels), got {got}")
     targets = labels[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                             targets.reshape(-1), ignore_index=IGNORE_INDEX,

@@ -366,10 +366,12 @@ def bench_average_gradients():
     return {"some": some.grad.tolist(), "none_is_none": none.grad is None, "every": every.grad.tolist()}
 
 
-def trainer_ddp():
+def trainer_ddp(packed_no_targets_on_rank=None):
     """cggr.hf.CGGRTrainer under torchrun (accelerate's multi-process CPU backend, gloo): the gradient of the
     first optimizer step (2 micro-batches per rank) equals one process's mean over every trained target of
-    every rank's cut micro-batches; every rank trains the same number of rows."""
+    every rank's cut micro-batches; every rank trains the same number of rows. ``packed_no_targets_on_rank``:
+    packed batches (DataCollatorWithFlattening), that rank's first micro-batch without any target (its
+    forward and backward must still run, or the other rank's gradient all-reduce waits)."""
     import tempfile
 
     import transformers as tf
@@ -382,7 +384,7 @@ def trainer_ddp():
     class Recording(CGGRTrainer):
         def _cggr_select(self, batch):
             out = super()._cggr_select(batch)
-            recorded.append((out["input_ids"].clone(), out["labels"].clone()))
+            recorded.append((out["input_ids"].clone(), out["labels"].clone(), out.get("position_ids")))
             return out
 
     class GradsAtFirstStep(tf.TrainerCallback):
@@ -394,7 +396,7 @@ def trainer_ddp():
     data = [{"input_ids": torch.randint(1, VOCAB, (int(n),), generator=gen).tolist()}
             for n in torch.randint(6, T + 1, (8 * world,), generator=gen)]
 
-    def collate(features):
+    def collate_padded(features):
         length = max(len(f["input_ids"]) for f in features)
         ids = torch.zeros(len(features), length, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -403,6 +405,16 @@ def trainer_ddp():
             mask[i, :len(f["input_ids"])] = 1
         return {"input_ids": ids, "labels": torch.where(mask.bool(), ids, -100), "attention_mask": mask}
 
+    collated = []
+
+    def collate_packed(features):
+        batch = tf.DataCollatorWithFlattening()(features)
+        if dist.get_rank() == packed_no_targets_on_rank and not collated:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        collated.append(batch)
+        return batch
+
+    collate = collate_padded if packed_no_targets_on_rank is None else collate_packed
     out_dir = tempfile.mkdtemp()
     args = tf.TrainingArguments(output_dir=out_dir, per_device_train_batch_size=4, gradient_accumulation_steps=2,
                                 max_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
@@ -413,19 +425,26 @@ def trainer_ddp():
                         cggr_config=CGGRConfig(policy=HardestRows(router=RouterSettings(layers=1)),
                                                min_tokens_ratio=0.5, warmup_steps=0))
     trainer.train()
-    rows = [int(ids.shape[0]) for ids, _ in recorded]
+    rows = [int(ids.shape[0]) for ids, _, _ in recorded]
     every = [None] * world
-    dist.all_gather_object(every, [(ids.tolist(), labels.tolist()) for ids, labels in recorded])
+    dist.all_gather_object(every, [(ids.tolist(), labels.tolist(), None if pos is None else pos.tolist())
+                                   for ids, labels, pos in recorded])
     model = tiny_llama()
-    total = sum(int((torch.tensor(l)[:, 1:] != -100).sum()) for part in every for _, l in part)
+    total = sum(int((torch.tensor(l)[:, 1:] != -100).sum()) for part in every for _, l, _ in part)
     for part in every:
-        for ids, labels in part:
-            model(input_ids=torch.tensor(ids), labels=torch.tensor(labels), num_items_in_batch=total).loss.backward()
+        for ids, labels, pos in part:
+            ids, labels = torch.tensor(ids), torch.tensor(labels)
+            # a packed row: one forward per sequence (its position_ids restart), as the Trainer's keeps them apart
+            bounds = [0, ids.shape[1]] if pos is None else \
+                [0, *(torch.nonzero(torch.diff(torch.tensor(pos[0])) <= 0).flatten() + 1).tolist(), ids.shape[1]]
+            for first, end in zip(bounds[:-1], bounds[1:]):
+                model(input_ids=ids[:, first:end], labels=labels[:, first:end],
+                      num_items_in_batch=total).loss.backward()
     expected = grads_of(model)
     worst = compare_grads(grads, expected)
     all_rows = [None] * world
     dist.all_gather_object(all_rows, rows)
-    return {"worst_rel_err": worst, "rows_per_rank": all_rows, "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)}
+    return {"worst_rel_err": worst, "rows_per_rank": all_rows, "total": total, "ddp": isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)}
 
 
 def gate_sampler():
@@ -487,6 +506,7 @@ SCENARIOS = {
     "trainer_gate": trainer_gate,
     "gate_sampler": gate_sampler,
     "trainer_ddp": trainer_ddp,
+    "trainer_ddp_packed_no_targets": lambda: trainer_ddp(packed_no_targets_on_rank=1),
     "fsdp_inner_root": fsdp_inner_root,
     "fsdp_inner_root_fused": lambda: fsdp_inner_root(fused=True),
     "fsdp_both_roots": fsdp_both_roots,

@@ -27,6 +27,7 @@ def test_passes_prune_well_fit_rows_and_the_tail_is_full():
     batch = next(order)  # pass 1 drawn now, from those scores
     kept = step.sampler.pass_stats()["rows_kept"]
     assert 20 <= kept < 40 and step.sampler.pass_stats()["rows_upweighted"] > 0
+    assert not step.sampler.pass_stats()["full_pass"]  # decided by batch_order's progress, not the sampler's epochs
     assert set(step.sampler) >= set(range(20, 40))  # rows above the mean always stay in the pass
     rest = [batch] + [next(order) for _ in range(kept // 4 - 1)]  # the pass's batches (a partial one dropped)
     assert set(np.concatenate(rest).tolist()) <= set(step.sampler)

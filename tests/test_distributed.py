@@ -19,7 +19,8 @@ TWO_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "fsdp_no_targets
              "ddp_accumulation", "ddp_accumulation_global", "fsdp_accumulation", "fsdp_inner_root",
              "fsdp_inner_root_fused", "trainer_ddp", "gate_sampler", "trainer_gate", "rows_differ_router_ddp",
              "rows_differ_router_fsdp", "rows_differ_router_global", "rows_differ_caller_count",
-             "rows_differ_last_step", "fsdp_both_roots", "bench_average_gradients"]
+             "rows_differ_last_step", "fsdp_both_roots", "bench_average_gradients",
+             "trainer_ddp_packed_no_targets"]
 THREE_RANKS = ["ddp_per_rank", "ddp_no_targets", "fsdp_per_rank", "ddp_global_hardest", "fsdp_global_hardest",
                "gate_sampler"]
 LAUNCH_TIMEOUT_S = 600  # every collective also has the worker's own 60 s timeout
@@ -126,6 +127,14 @@ def test_trainer_under_torchrun_ddp(two):
     for r in outcome(two, "trainer_ddp"):
         assert r["ddp"] and r["worst_rel_err"] < 1e-4
         assert r["rows_per_rank"] == [[2, 2], [2, 2]]
+
+
+def test_trainer_ddp_with_a_packed_micro_batch_without_targets_on_one_rank(two):
+    """Rank 1's first packed micro-batch has no target: both ranks still run every forward and backward (no
+    hang in DDP's all-reduce), and the step's gradient is the other micro-batches' alone."""
+    for r in outcome(two, "trainer_ddp_packed_no_targets"):
+        assert r["ddp"] and r["worst_rel_err"] < 1e-4 and r["total"] > 0
+        assert r["rows_per_rank"] == [[1, 1], [1, 1]]
 
 
 def test_fused_loss_needs_the_wrapper_as_fsdp_root(two):

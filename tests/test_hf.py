@@ -180,6 +180,39 @@ def test_resume_continues_the_selection_state_and_the_losses(tmp_path, policy):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_second_train_without_resume_restarts_the_selection_state(tmp_path):
+    """model_init, train() twice: the second run starts from a new model and global_step 0, and so does its
+    curriculum (the same kept rows and losses as the first run), not from the first run's last step."""
+    config = CGGRConfig(policy=RandomRows(), min_tokens_ratio=0.25, warmup_steps=2)
+    t = CGGRTrainer(model_init=lambda: tiny_model("llama"), args=training_args(tmp_path, max_steps=2),
+                    train_dataset=examples(), data_collator=pad_collate, cggr_config=config)
+
+    def logged(run):
+        return [(log["loss"], log["cggr/kept_rows"], log["cggr/step"]) for log in run.log_history if "loss" in log]
+
+    t.train()
+    first = logged(t.state)
+    assert [kept for _, kept, _ in first] == [1.0, 0.75] and t.cggr_model.step_count == 2
+    t.train()
+    assert t.cggr_model.step_count == 2
+    assert logged(t.state) == first
+
+
+def test_the_cggr_state_is_in_the_checkpoint_when_it_is_pushed(tmp_path):
+    """push_to_hub pushes each checkpoint folder from inside Trainer._save_checkpoint: cggr_state.json must be
+    there by then (no network: the push is replaced by a recorder; push_to_hub set after construction, where
+    the Trainer would create the Hub repository)."""
+    t = trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    t.args.push_to_hub = True
+    pushed = []
+    t._push_from_checkpoint = lambda folder: pushed.append(
+        (os.path.basename(folder), os.path.exists(os.path.join(folder, "cggr_state.json"))))
+    t.train()
+    assert pushed == [("checkpoint-1", True), ("checkpoint-2", True)]
+    with open(tmp_path / "out" / "checkpoint-2" / "cggr_state.json") as f:
+        assert json.load(f)["cggr_step"] == 2
+
+
 # -- packed (padding-free) batches ----------------------------------------------------------------------------
 def test_packed_batches_select_whole_sequences(tmp_path):
     """DataCollatorWithFlattening packs a micro-batch into one row; each packed sequence is a row to select, and
@@ -210,6 +243,35 @@ def test_packed_batches_select_whole_sequences(tmp_path):
     assert len(recorder.calls) == 2
     assert t.state.log_history[0]["loss"] == pytest.approx(nll_sum / n_targets, abs=1e-5)
     assert t.state.log_history[0]["cggr/kept_rows"] == 0.5
+
+
+def test_a_packed_micro_batch_without_targets_runs_its_forward_and_trains_nothing(tmp_path):
+    """A packed micro-batch whose sequences are all unlabelled (-100): its forward still runs (on the whole
+    batch: data-parallel ranks run the same collectives) with a zero loss; the window's loss and update are
+    the other micro-batch's alone. A window with no target at all trains nothing (loss 0, not NaN)."""
+    data = examples(12, seed=5)
+    data = [dict(e, labels=[-100] * len(e["input_ids"])) if i < 6 else e for i, e in enumerate(data)]
+    runs = {}
+    for name, subset, accumulation in (("mixed", data, 2), ("labelled", data[6:], 1), ("unlabelled", data[:6], 1)):
+        model = tiny_model("llama")
+        t = trainer(tmp_path / name, model=model, data=subset, collator=tf.DataCollatorWithFlattening(),
+                    per_device_train_batch_size=6, gradient_accumulation_steps=accumulation)
+        recorder = ForwardRecorder(model)
+        t.train()
+        runs[name] = (recorder.calls, t.state.log_history[0], params(model))
+    calls, log, weights = runs["mixed"]
+    assert len(calls) == 2
+    assert torch.equal(calls[0]["input_ids"][0], torch.tensor([i for e in data[:6] for i in e["input_ids"]]))
+    assert "labels" not in calls[0]
+    _, want_log, want_weights = runs["labelled"]
+    assert log["loss"] == pytest.approx(want_log["loss"], abs=1e-6)
+    assert log["cggr/kept_rows"] == want_log["cggr/kept_rows"] == 0.5  # the unlabelled sequences are no rows
+    for name, w in weights.items():
+        torch.testing.assert_close(w, want_weights[name], msg=name)
+    calls, log, weights = runs["unlabelled"]
+    assert len(calls) == 1 and log["loss"] == 0.0
+    start = params(tiny_model("llama"))
+    assert all(torch.equal(w, start[name]) for name, w in weights.items())
 
 
 # -- references -----------------------------------------------------------------------------------------------
@@ -277,6 +339,26 @@ def test_lora_adapters_are_trained_and_routed(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), start[n])}
     assert changed and all("lora_" in n for n in changed)
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def test_a_lora_adapter_on_lm_head_is_refused_by_the_fused_loss():
+    """The fused loss reads lm_head.weight directly: an adapted head (PEFT wrapper or its base model) is refused
+    with what to do, instead of its adapter being ignored; the model's own loss, or no adapter on lm_head, run."""
+    peft = pytest.importorskip("peft")
+    from cggr import CGGRModel
+
+    def lora(targets):
+        return peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=targets,
+                                                                         task_type="CAUSAL_LM"))
+
+    fused, plain = StepOptions(loss_impl="fused"), StepOptions(loss_impl="model")
+    adapted = lora(["q_proj", "lm_head"])
+    for model in (adapted, adapted.get_base_model()):
+        with pytest.raises(ValueError, match=r"loss_impl='fused'\) does not support an adapted LM head: .*peft.*"
+                                             r"reads lm_head.weight directly.*target_modules.*loss_impl='model'"):
+            CGGRModel(model, policy=RandomRows(), step_options=fused)
+    CGGRModel(adapted.get_base_model(), policy=RandomRows(), step_options=plain)
+    CGGRModel(lora(["q_proj"]).get_base_model(), policy=RandomRows(), step_options=fused)
 
 
 def test_bf16_autocast_and_gradient_checkpointing(tmp_path):

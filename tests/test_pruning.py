@@ -1,5 +1,6 @@
 """ConfidenceGatedSampler / ConfidenceGate / gated_causal_lm_loss (cggr.pruning) on the CPU."""
 import math
+import re
 
 import pytest
 import torch
@@ -109,6 +110,21 @@ def test_resume_mid_pass_iterates_the_same_order():
         ConfidenceGatedSampler(41, num_epochs=5, seed=9).load_state_dict(state)
 
 
+def test_pass_stats_report_a_full_pass_decided_by_set_epoch():
+    """set_epoch(..., full_pass=) overrides the annealing tail: pass_stats and a restored state say so."""
+    s = ConfidenceGatedSampler(50, num_epochs=10, gate=ConfidenceGate(prune_ratio=0.9, anneal=0.2))
+    s.set_epoch(0, full_pass=True)
+    assert s.pass_stats()["full_pass"]
+    trained(s, torch.linspace(0, 1, 50))
+    s.set_epoch(9, full_pass=False)  # in the tail by the epochs, drawn pruned
+    assert len(s) < 50 and not s.pass_stats()["full_pass"]
+    s.set_epoch(1, full_pass=True)
+    assert len(s) == 50 and s.pass_stats()["full_pass"]
+    restored = ConfidenceGatedSampler(50, num_epochs=10, gate=ConfidenceGate(prune_ratio=0.9, anneal=0.2))
+    restored.load_state_dict(s.state_dict())
+    assert restored.pass_stats()["full_pass"]
+
+
 def test_bad_settings_and_inputs():
     with pytest.raises(ValueError, match=r"ConfidenceGate.prune_ratio must be a number in \[0, 1\), got 1.0"):
         ConfidenceGate(prune_ratio=1.0)
@@ -147,6 +163,16 @@ def test_gated_loss_with_unit_weights_is_the_models_loss():
     doubled, _ = gated_causal_lm_loss(out.logits, labels, torch.tensor([2.0, 1.0, 1.0]))
     copies = model(input_ids=torch.cat([ids[:1], ids[:2]]), labels=torch.cat([labels[:1], labels[:2]])).loss
     torch.testing.assert_close(doubled, copies)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (1,), (4,), ()])
+def test_gated_loss_checks_the_row_weight_shape(shape):
+    """A [3, 1] or [1] weight would broadcast against the [3] target counts: refused, as is a wrong length."""
+    logits, labels = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
+    with pytest.raises(ValueError, match=rf"row_weight: expected a tensor of shape \(3,\) .*got {re.escape(str(shape))}"):
+        gated_causal_lm_loss(logits, labels, torch.ones(shape))
+    with pytest.raises(ValueError, match=r"row_weight: expected a tensor of shape \(3,\) .*got list"):
+        gated_causal_lm_loss(logits, labels, [1.0, 1.0, 1.0])
 
 
 def test_stream_epochs_have_a_fixed_length_and_more_passes():

@@ -15,6 +15,7 @@ from ..rows import IGNORE_INDEX, scored_targets
 
 REFERENCE_KEY = "_cggr_reference_nll"   # collated precomputed reference NLL, [B, T-1] float32
 SELECTED_KEY = "_cggr_selected"         # marks a batch whose rows CGGR already chose (get_batch_samples)
+NO_TARGETS_KEY = "_cggr_no_targets"     # marks a selected packed batch in which no sequence has a target
 # Packed-batch keys that describe the sequence layout: rebuilt for the selected sequences.
 _LAYOUT_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
@@ -55,10 +56,11 @@ class PackedBatch(NamedTuple):
     lengths: torch.Tensor       # [S] int64 (host)
 
 
-def unpack(batch: dict, starts: List[int]) -> PackedBatch:
+def unpack(batch: dict, starts: List[int], drop_untargeted: bool = True) -> PackedBatch:
     """Sequences of the packed ``[1, N]`` batch as ``[S, L]`` rows (right padding, ``attention_mask``),
-    dropping sequences without a scored target (padding tokens that a collator packs as 1-token sequences).
-    ``labels`` at each sequence's first position never count (they are no shifted target of the row)."""
+    dropping sequences without a scored target (padding tokens that a collator packs as 1-token sequences)
+    unless ``drop_untargeted=False``. ``labels`` at each sequence's first position never count (they are no
+    shifted target of the row)."""
     ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
     n = ids.shape[0]
     device = ids.device
@@ -73,6 +75,8 @@ def unpack(batch: dict, starts: List[int]) -> PackedBatch:
     seq_labels[:, 0] = IGNORE_INDEX
     # keep the sequences that have a scored target (one host read; the packed check already synchronised)
     keep = (scored_target_counts(seq_labels) > 0).cpu()
+    if not drop_untargeted:
+        keep = torch.ones_like(keep)
     rows = {"input_ids": torch.where(real, ids[gather], ids[gather[:, :1]]),
             "labels": seq_labels,
             "attention_mask": real.to(torch.int64),
@@ -88,12 +92,27 @@ def unpack(batch: dict, starts: List[int]) -> PackedBatch:
     return PackedBatch(rows, starts_t[idx], lengths_t[idx])
 
 
+def without_targets(batch: dict) -> dict:
+    """The packed batch unchanged but for its labels (every one -100) and the reference column, marked with
+    ``NO_TARGETS_KEY``: its forward still runs (every data-parallel rank runs the same collectives) and
+    trains nothing (``CGGRTrainer.compute_loss`` gives it a zero-weighted loss)."""
+    out = {name: value for name, value in batch.items() if name != REFERENCE_KEY}
+    for name in ("labels", "shift_labels"):
+        if isinstance(out.get(name), torch.Tensor):
+            out[name] = torch.full_like(out[name], IGNORE_INDEX)
+    out[NO_TARGETS_KEY] = True
+    return out
+
+
 def repack(batch: dict, packed: PackedBatch, selected: torch.Tensor) -> dict:
     """The packed batch restricted to the ``selected`` sequences (indices into ``packed.rows``, ascending),
     packed again in their order: every ``[1, N]`` tensor is cut to their tokens, the labels at each
     sequence's first token become -100 (no prediction across a boundary), and the layout keys that the
     batch had (``cu_seq_lens_*``, ``max_length_*``, ``seq_idx``) are rebuilt."""
     selected = selected.cpu()
+    if selected.numel() == 0:  # torch.cat of no sequences: the caller keeps such a batch (without_targets)
+        raise ValueError("repack: selected holds no sequence; a packed batch without a trained sequence goes "
+                         "through without_targets")
     starts, lengths = packed.starts[selected], packed.lengths[selected]
     n = batch["input_ids"].shape[1]
     token_idx = torch.cat([torch.arange(int(s), int(s) + int(length)) for s, length in zip(starts, lengths)])

@@ -31,8 +31,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..model import STEP_KEY, CGGRModel
 from ..reference import ReferenceModel
 
-from .batches import (REFERENCE_KEY, SELECTED_KEY, ReferenceColumnCollator, check_reference_vocab, packed_starts,
-                      repack, scored_target_counts, take_rows, unpack)
+from .batches import (NO_TARGETS_KEY, REFERENCE_KEY, SELECTED_KEY, ReferenceColumnCollator, check_reference_vocab,
+                      packed_starts, repack, scored_target_counts, take_rows, unpack, without_targets)
 from .config import CGGRConfig
 from .gate import INDEX_KEY, WEIGHT_KEY, GateState, IndexCollator, IndexedDataset, gated_compute_loss
 
@@ -179,6 +179,9 @@ class CGGRTrainerMixin:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         if resume_from_checkpoint:
             self._cggr_load_state(resume_from_checkpoint)
+        else:  # a fresh run (the Trainer restarts its global_step): the selection state restarts from step 0
+            self.cggr_model = self._build_cggr_model()
+            self.cggr_window, self._cggr_step_start = _Window(), None
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
@@ -198,11 +201,11 @@ class CGGRTrainerMixin:
         self.cggr_model.load_state_dict({STEP_KEY: torch.tensor(int(state[STEP_KEY]))}, strict=False)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
-            return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if os.path.isdir(folder):
+        # before super(): it pushes the checkpoint folder to the Hub (push_to_hub) before it returns
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")  # the folder super() saves
+            os.makedirs(folder, exist_ok=True)
             state = {STEP_KEY: self.cggr_model.step_count, "seed": self.cggr_config.seed,
                      "policy": repr(self.cggr_model.policy), "curriculum_ratio": self.cggr_model.current_ratio}
             path = os.path.join(folder, STATE_FILE)
@@ -211,6 +214,7 @@ class CGGRTrainerMixin:
             os.replace(path + ".tmp", path)
             if self.cggr_gate is not None:
                 self.cggr_gate.save(folder)
+        super()._save_checkpoint(model, trial)
 
     # -- row selection -------------------------------------------------------------------------------------
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -257,6 +261,14 @@ class CGGRTrainerMixin:
         starts = packed_starts(batch)
         if starts is not None:
             packed = unpack(batch, starts)
+            if packed.rows["input_ids"].shape[0] == 0:
+                # no sequence has a target: the selection (its collectives under data parallelism: the first
+                # step's configuration check, the router's FSDP2 gathers) runs on every sequence as on the
+                # other ranks, its choice unused, and the batch trains nothing
+                self._cggr_choose(unpack(batch, starts, drop_untargeted=False).rows, record=False)
+                out = without_targets(batch)
+                out[SELECTED_KEY] = True
+                return out
             indices = self._cggr_choose(packed.rows)
             if indices is None:
                 indices = torch.arange(packed.rows["input_ids"].shape[0])
@@ -269,17 +281,15 @@ class CGGRTrainerMixin:
         out[SELECTED_KEY] = True
         return out
 
-    def _cggr_choose(self, rows: dict) -> Optional[torch.Tensor]:
+    def _cggr_choose(self, rows: dict, record: bool = True) -> Optional[torch.Tensor]:
         """Indices of the rows to train (ascending), or None for every row: ``CGGRModel.select_rows`` (the
-        same checks, router pass, generator stream and policy call as a plain-loop forward)."""
+        same checks, router pass, generator stream and policy call as a plain-loop forward). ``record``:
+        count the rows in the logged metrics."""
         cggr = self.cggr_model
         policy = cggr.policy
         input_ids, labels = rows["input_ids"], rows["labels"]
         attention_mask = rows.get("attention_mask")
         B = input_ids.shape[0]
-        counts = scored_target_counts(labels)
-        window = self.cggr_window
-        window.rows_total += B
         reference_nll = None
         if policy.needs_reference_nll:
             reference_nll = rows.get(REFERENCE_KEY)
@@ -290,13 +300,18 @@ class CGGRTrainerMixin:
                 reference_nll = self.cggr_reference(input_ids, labels, attention_mask)
         router_kwargs = {n: rows[n] for n in ("position_ids", "token_type_ids") if rows.get(n) is not None}
         selection = cggr.select_rows(input_ids, labels, attention_mask, reference_nll, **router_kwargs)
+        if selection is not None and selection.row_weight is not None:
+            raise ValueError(f"{policy!r} weights the selected rows' loss, which the Trainer path (the model's own "
+                             "loss on the selected rows) does not do: use CGGRModel in a training loop")
+        if not record:
+            return None
+        counts = scored_target_counts(labels)
+        window = self.cggr_window
+        window.rows_total += B
         if selection is None:
             window.rows_kept += B
             window.add_tokens(counts.sum(), counts.sum())
             return None
-        if selection.row_weight is not None:
-            raise ValueError(f"{policy!r} weights the selected rows' loss, which the Trainer path (the model's own "
-                             "loss on the selected rows) does not do: use CGGRModel in a training loop")
         indices = selection.indices
         window.rows_kept += int(indices.numel())
         window.add_tokens(counts.sum(), counts.index_select(0, indices).sum())
@@ -309,6 +324,7 @@ class CGGRTrainerMixin:
         """The Trainer's loss on the selected rows (training) or on every row (evaluation)."""
         inputs = dict(inputs)
         selected = inputs.pop(SELECTED_KEY, False)
+        no_targets = inputs.pop(NO_TARGETS_KEY, False)
         inputs.pop(REFERENCE_KEY, None)
         if self.cggr_gate is not None and INDEX_KEY in inputs and self.model.training:
             loss, outputs = gated_compute_loss(self, model, inputs, num_items_in_batch)
@@ -329,6 +345,15 @@ class CGGRTrainerMixin:
             with torch.no_grad():
                 inputs = self._cggr_select(self._prepare_inputs(inputs))
             inputs.pop(SELECTED_KEY)
+            no_targets = inputs.pop(NO_TARGETS_KEY, False)
+        if no_targets:
+            # nothing to train (a packed batch without targets): the forward runs as on the other ranks (DDP's
+            # gradient all-reduce, FSDP2's gathers); 0 * one logit column keeps a graph with zero gradients
+            # (one fp32 column: its sum cannot overflow as a half-precision sum over the vocabulary could)
+            inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+            outputs = model(**inputs)
+            loss = outputs.logits[..., :1].float().sum() * 0.0
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
