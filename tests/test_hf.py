@@ -526,3 +526,32 @@ def test_an_iterable_dataset_that_runs_out_does_not_advance_the_curriculum(tmp_p
     assert t.cggr_model.step_count == t.state.global_step == 6
     with open(tmp_path / "out" / "checkpoint-4" / "cggr_state.json") as f:
         assert json.load(f)["cggr_step"] == 4
+
+
+# -- compiled blocks ------------------------------------------------------------------------------------------
+def test_blocks_compiled_in_place_train_the_same_through_the_trainer(tmp_path):
+    """StepOptions(compile='blocks'): the router and the Trainer's forward run the compiled blocks (Dynamo with
+    the eager backend here: graphs and guards, no code generation), with the same losses and weights."""
+    results = []
+    for options in (None, StepOptions(compile="blocks", compile_options={"backend": "eager"})):
+        model = tiny_model("llama")
+        config = CGGRConfig(policy=HardestRows(router=ROUTER), min_tokens_ratio=0.5, warmup_steps=0,
+                            step_options=options)
+        t = trainer(tmp_path / str(len(results)), model=model, config=config, max_steps=2)
+        t.train()
+        if options is not None:
+            assert all(block._compiled_call_impl is not None for block in model.model.layers)
+        results.append(([h["loss"] for h in t.state.log_history if "loss" in h], params(model)))
+    (losses, weights), (compiled_losses, compiled_weights) = results
+    assert compiled_losses == pytest.approx(losses, rel=1e-5)
+    for name, w in weights.items():
+        torch.testing.assert_close(compiled_weights[name], w, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graphed_blocks_need_a_cuda_trainer(tmp_path):
+    config = CGGRConfig(min_tokens_ratio=0.5, warmup_steps=0, step_options=StepOptions(compile="blocks-cudagraphs"))
+    with pytest.raises(ValueError, match=r"StepOptions\(compile='blocks-cudagraphs'\) replays CUDA graphs, and this "
+                                         "Trainer runs on cpu; use compile='blocks' there"):
+        trainer(tmp_path, config=config)
+    with pytest.raises(ValueError, match="compile='all'"):
+        CGGRConfig(step_options=StepOptions(compile="all"))

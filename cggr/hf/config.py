@@ -16,7 +16,7 @@ from ..schedule import SCHEDULES, RatioSchedule, check_ratio
 
 # What the Trainer path runs of StepOptions: the router (compile='router') and timing. The trained forward is
 # the Trainer's own (TrainingArguments(torch_compile=True) compiles it), the loss the model's own.
-_TRAINER_STEP_OPTIONS = "StepOptions(compile=False | 'router', collect_timing=...)"
+_TRAINER_STEP_OPTIONS = "StepOptions(compile=False | 'router' | 'blocks' | 'blocks-cudagraphs', collect_timing=...)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,10 @@ class CGGRConfig:
         warmup_steps: optimizer steps from ratio 1.0 down to ``min_tokens_ratio``.
         schedule: ``'linear'`` | ``'cosine'`` | ``'constant'``, or a whole ``cggr.RatioSchedule`` (then leave
             ``min_tokens_ratio`` / ``warmup_steps`` at their defaults).
-        step_options: ``cggr.StepOptions``; the Trainer path honours ``compile=False | 'router'`` only (the
-            trained rows go through the Trainer's own forward and loss: compile that with
-            ``TrainingArguments(torch_compile=True)``).
+        step_options: ``cggr.StepOptions``; the Trainer path honours ``compile=False | 'router' | 'blocks' |
+            'blocks-cudagraphs'`` and ``collect_timing`` (the trained rows go through the Trainer's own forward
+            and loss, which runs the blocks compiled in place; ``'blocks-cudagraphs'`` needs a CUDA device and
+            marks a CUDA-graph step before every training and evaluation forward).
         seed: seeds the random policies (``RandomRows``, the random part of ``ReferenceFilter``).
         reference: where the per-token reference NLL comes from, for the policies that need it
             (``ExcessLossRows``, ``ReferenceFilter``, ``ReferenceRanked``):
@@ -99,9 +100,10 @@ class CGGRConfig:
         if not isinstance(options, StepOptions):
             raise TypeError(f"CGGRConfig.step_options must be a cggr.StepOptions, got {type(options).__name__}")
         unsupported = []
-        if options.compile_scope not in (False, "router"):
-            unsupported.append(f"compile={options.compile!r} (compile the trained forward with "
-                               "TrainingArguments(torch_compile=True); compile='router' compiles the router)")
+        if options.compile_scope not in (False, "router", "blocks", "blocks-cudagraphs"):
+            unsupported.append(f"compile={options.compile!r} (compile='blocks-cudagraphs' compiles every decoder "
+                               "block in place, which the Trainer's forward then runs; compile='router' compiles "
+                               "the router)")
         if options.loss_impl != "model":
             unsupported.append(f"loss_impl={options.loss_impl!r}")
         if options.forward_impl != "model":

@@ -28,6 +28,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, unwrap_peft_model
 
+from ..compile_blocks import begin_graph_call
 from ..model import STEP_KEY, CGGRModel
 from ..reference import ReferenceModel
 
@@ -121,6 +122,10 @@ class CGGRTrainerMixin:
         column = config.reference_column
         if column is not None:
             self.data_collator = ReferenceColumnCollator(self.data_collator, column)
+        self.cggr_graphs = config.step_options is not None and config.step_options.compile == "blocks-cudagraphs"
+        if self.cggr_graphs and self.args.device.type != "cuda":
+            raise ValueError(f"CGGRConfig.step_options=StepOptions(compile='blocks-cudagraphs') replays CUDA graphs, "
+                             f"and this Trainer runs on {self.args.device}; use compile='blocks' there")
         self.cggr_gate = GateState(config.gate, config.seed) if config.gate is not None else None
         self.cggr_window = _Window()
         self._cggr_step_start = None
@@ -323,6 +328,8 @@ class CGGRTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The Trainer's loss on the selected rows (training) or on every row (evaluation)."""
         inputs = dict(inputs)
+        if self.cggr_graphs:  # the rows were chosen ahead (get_batch_samples): their router outputs are spent
+            begin_graph_call(inputs["input_ids"].device, "CGGRTrainer")
         selected = inputs.pop(SELECTED_KEY, False)
         no_targets = inputs.pop(NO_TARGETS_KEY, False)
         inputs.pop(REFERENCE_KEY, None)
@@ -359,6 +366,8 @@ class CGGRTrainerMixin:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = {k: v for k, v in inputs.items() if k not in (REFERENCE_KEY, SELECTED_KEY, INDEX_KEY, WEIGHT_KEY)}
+        if self.cggr_graphs:
+            begin_graph_call(inputs["input_ids"].device, "CGGRTrainer")
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # -- metrics -------------------------------------------------------------------------------------------
