@@ -29,7 +29,8 @@ class StepOptions:
     warm-up); each call overwrites the previous call's block outputs, so one forward, then its backward,
     per call (gradient accumulation over micro-batches is fine; keep ``.clone()`` of any hidden state you
     hold across calls). The model's blocks stay compiled after training. 'blocks' compiles the same way
-    without CUDA graphs (any device).
+    without CUDA graphs (any device). Both raise Dynamo's recompile limit to at least 64 for the process and
+    make reaching it an error instead of a silent eager fallback (``cggr.compile_blocks``).
 
     ``loss_impl``: 'model' (the model's own ``labels=`` loss, exactly Hugging Face's) or 'fused' (the base
     model + ``cggr.linear.fused_linear_selective_ce``: LM head and cross entropy without [k, T, V] logits;
