@@ -45,7 +45,7 @@ Full size on one GPU (bf16 autocast on CUDA; the pool then needs 1280 rows of 51
 which the smallest, fortunes, has):
 
     python examples/continued_pretraining.py --model /tmp/smollm2 --out /tmp/cpt_gpu \\
-        --length 512 --batch-size 32 --steps 200 --eval-every 10 --eval-rows 64 --ref-rows 256
+        --length 512 --batch-size 32 --steps 200 --eval-every 10 --eval-rows 64 --ref-rows 256 --no-count-sources
 """
 import argparse
 import csv
@@ -139,6 +139,10 @@ def main(argv=None):
     p.add_argument("--ref-rows", type=int, default=32, help="clean target rows the reference fine-tunes on")
     p.add_argument("--ref-epochs", type=int, default=2, help="epochs of the reference's fine-tuning")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count-sources", action=argparse.BooleanOptionalAction, default=True,
+                   help="record the source of every trained row (a hook that reads the batch on the host at "
+                        "every training forward: a device synchronisation inside the timed steps; "
+                        "--no-count-sources for timings)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda if available")
     args = p.parse_args(argv)
     check_args(p, args)
@@ -239,9 +243,10 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model = load()
         trained = []  # the source of every trained row: a pre-hook on the training forwards
-        model.register_forward_pre_hook(
-            lambda m, a, kw: trained.extend(source_of.get(tuple(r), "?") for r in kw["input_ids"].tolist())
-            if m.training else None, with_kwargs=True)
+        if args.count_sources:
+            model.register_forward_pre_hook(
+                lambda m, a, kw: trained.extend(source_of.get(tuple(r), "?") for r in kw["input_ids"].tolist())
+                if m.training else None, with_kwargs=True)
         run_records = []
         common = dict(model=model, args=training_args(name, steps=args.steps), train_dataset=train_dataset,
                       data_collator=collate, callbacks=[Validation(name, run_records)])
@@ -257,7 +262,7 @@ def main(argv=None):
         records += run_records
         summary[name] = dict(steps=trainer.state.global_step, wall=run_records[-1]["wall_s"],
                              start=run_records[0], end=run_records[-1], rows=len(trained),
-                             share=sum(s == args.target for s in trained) / max(1, len(trained)),
+                             share=sum(s == args.target for s in trained) / len(trained) if trained else None,
                              kept=sum(kept.values()) / len(kept) if kept else None)
         del trainer, model
 
@@ -280,7 +285,8 @@ def main(argv=None):
         other = f"{s['start']['other_loss']:.3f} -> {s['end']['other_loss']:.3f}"
         kept = "1" if s["kept"] is None else f"{s['kept']:.3f}"
         print(f"{name:<9} {s['steps']:>5} {s['wall']:>8.1f} {s['wall'] / max(1, s['steps']):>7.3f} {target:>15} "
-              f"{other:>15} {s['rows']:>12} {s['share']:>12.0%} {kept:>10}")
+              f"{other:>15} {s['rows'] if s['share'] is not None else '-':>12} "
+              f"{'-' if s['share'] is None else format(s['share'], '.0%'):>12} {kept:>10}")
     print(f"\nwrote {csv_path}" + (f" and {plot_path}" if plot_path else ""))
     return 0
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU round of issues 18 and 23 on one single-GPU machine, in three back-to-back device calls (the
+# machine keeps /tmp between them while warm). Each stage carries one third of the SmolLM2 GGUF (98 MB; a
+# call carries at most 64 MiB) in .gpu_data/p<STAGE>, joined in stage 2.
+#   bash scripts/gpu_hf_round.sh 0  # build; CUDA-graph Trainer tests; Trainer vs loop step; regime 2 (gate)
+#   bash scripts/gpu_hf_round.sh 1  # regime 3 through the Trainer; the rest of regime 2
+#   bash scripts/gpu_hf_round.sh 2  # SmolLM2: the gate on the real checkpoint; example (a) at full size
+# Carry: .gpu_data/p<STAGE>, and .gpu_data/bench (stages 0, 1), .gpu_data/bench_smol + corpus_trim + whl (2).
+# WALL (seconds, default 560): when the stage's last bench invocation must stop (cggr bench --max-wall;
+# an unfinished run is picked up by the same invocation in a later stage).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?STAGE}
+WALL=${WALL:-560}
+start=$(date +%s)
+left() { echo $(( WALL - ($(date +%s) - start) )); }
+export PYTHONUNBUFFERED=1
+py=python3
+R=/tmp/cggr_round
+mkdir -p "$R" "${OUT:=/tmp/out}"
+cp .gpu_data/p$stage/gguf.part$stage /tmp/ 2>/dev/null || echo "no GGUF part $stage carried"
+if [ ! -f /tmp/cggr_built ]; then
+  $py -m pip install --no-build-isolation -e . > "$R/build.log" 2>&1 || { tail -30 "$R/build.log"; exit 1; }
+  touch /tmp/cggr_built
+fi
+echo "stage $stage: built after $(( $(date +%s) - start )) s on $(nvidia-smi -L | head -1), $(nproc) cores"
+COMMON="--corpus .gpu_data/bench/tokens-e4c5a968d4d74aca91e8.npz --model-preset smollm-135m --seq-len 1024
+  --batch-size 32 --lr 1e-3 --dtype bf16 --eval-every 5 --eval-rows 64 --cache-dir /tmp/cggr_bench_cache"
+REGIME2="--regime finetune --finetune-source python_doc --init-budget 90 --time-budget 60 --ratios 0.25
+  --configs standard confidence_gate --seeds 0 1 --compile blocks-cudagraphs --clock span --out $R/regime2"
+case $stage in
+0)
+  $py -m pytest tests/gpu/test_hf_cuda.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$R/hf_cuda.log"
+  for c in blocks-cudagraphs none; do
+    $py -m benchmarks.bench_trainer_step --out "$R/trainer_step_$c" --compile $c --steps 30 2>&1 | grep -v Warning | tail -8
+  done
+  $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
+  ;;
+1)
+  $py -m benchmarks.bench_trainer_target $COMMON --regime target --target-source python_doc --reference-preset medium \
+    --reference-budget 20 --time-budget 90 --ratios 0.25 --seeds 0 --trainer-compile blocks-cudagraphs \
+    --out "$R/regime3_trainer" 2>&1 | grep -v "%" | tail -30
+  cat "$R/regime3_trainer/summary.md" 2>/dev/null | head -12
+  $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
+  ;;
+2)
+  cat /tmp/gguf.part0 /tmp/gguf.part1 /tmp/gguf.part2 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_data/whl/*.whl
+  PYTHONPATH=/tmp/site $py scripts/smollm2_checkpoint.py /tmp/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tail -1
+  $py -m cggr bench --corpus .gpu_data/bench_smol/tokens-1448a7e4cf6ccafbb25e.npz --seq-len 1024 --batch-size 32 \
+    --lr 2e-4 --dtype bf16 --eval-every 5 --eval-rows 64 --cache-dir /tmp/cggr_bench_cache --regime finetune \
+    --finetune-source python_doc --init-checkpoint /tmp/smollm2 --time-budget 60 --configs standard confidence_gate \
+    --seeds 0 1 --compile blocks-cudagraphs --clock span --out "$R/smollm2" --max-wall $(( $(left) - 150 )) \
+    2>&1 | grep -v "%" | tail -25
+  $py examples/continued_pretraining.py --model /tmp/smollm2 --corpus .gpu_data/corpus_trim --out "$R/example_a" \
+    --length 512 --batch-size 32 --steps 200 --eval-every 10 --eval-rows 64 --ref-rows 256 --no-count-sources 2>&1 \
+    | tail -12
+  ;;
+esac
+tar czf "$OUT/round_stage$stage.tgz" -C "$R" --exclude='*.lock' . 2>/dev/null
+echo "stage $stage done in $(( $(date +%s) - start )) s"
