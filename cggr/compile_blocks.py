@@ -7,7 +7,15 @@ the model's own first blocks, and evaluation) runs them compiled. With ``cuda_gr
 ``reduce-overhead`` mode replays each block as one CUDA graph: one launch per block instead of dozens, the
 step a slow host can keep up with. Graph outputs are then overwritten by the next replay: a new training step
 or evaluation batch is announced with ``begin_graph_step()`` (``CGGRModel`` does it at every call).
+
+Gradient accumulation: autograd installs a parameter's first gradient as ``.grad`` without a copy, and with
+CUDA graphs that gradient is graph memory, which the next micro-batch's backward replay overwrites before
+adding to it (pytorch/pytorch#169545: an error, or in older versions wrong gradients). So
+``begin_graph_step()`` first replaces every gradient still held in graph memory by a copy: one copy per
+parameter per accumulation window, nothing when the gradients were cleared (no accumulation).
 """
+import weakref
+
 import torch
 from torch import nn
 
@@ -18,6 +26,8 @@ from .router_adapters import DecoderAdapter, _unwrapped
 RECOMPILE_LIMIT = 64
 
 _graph_trees_in_use = False
+# the parameters of CUDA-graphed blocks (weakly: a model that goes away takes them with it)
+_graphed_parameters: "weakref.WeakValueDictionary[int, nn.Parameter]" = weakref.WeakValueDictionary()
 
 
 def decoder_blocks(model: nn.Module, caller: str = "compile_decoder_blocks") -> nn.ModuleList:
@@ -52,13 +62,32 @@ def compile_decoder_blocks(model: nn.Module, cuda_graphs: bool = False, **option
     blocks = decoder_blocks(model)
     for block in blocks:
         block.compile(**options)
+        if cuda_graphs:
+            for parameter in block.parameters():
+                _graphed_parameters[id(parameter)] = parameter
     return len(blocks)
+
+
+def own_accumulated_gradients() -> int:
+    """Replace each gradient of a CUDA-graphed block's parameter that may still be graph memory (autograd
+    installed it without a copy) by a copy, so that the next replay cannot overwrite it while it is
+    accumulating; returns how many were copied. A copy is marked and kept until the gradient is cleared."""
+    copied = 0
+    for parameter in list(_graphed_parameters.values()):
+        grad = parameter.grad
+        if grad is not None and not getattr(grad, "_cggr_owned", False):
+            grad = grad.clone()
+            grad._cggr_owned = True
+            parameter.grad = grad
+            copied += 1
+    return copied
 
 
 def begin_graph_step():
     """A training step or evaluation batch begins: with CUDA-graphed blocks, the previous step's graph
     outputs may now be overwritten (``torch.compiler.cudagraph_mark_step_begin``); otherwise nothing."""
     if _graph_trees_in_use:
+        own_accumulated_gradients()
         torch.compiler.cudagraph_mark_step_begin()
 
 
@@ -75,4 +104,5 @@ def begin_graph_call(device: torch.device, caller: str):
     if device.type != "cuda":
         raise ValueError(f"{caller}: StepOptions(compile='blocks-cudagraphs') replays CUDA graphs, so input_ids "
                          f"must be on a CUDA device, got {device}; use compile='blocks' on other devices")
+    own_accumulated_gradients()
     torch.compiler.cudagraph_mark_step_begin()

@@ -69,3 +69,35 @@ def test_cuda_graphs_need_cuda_inputs_and_their_own_mode():
         cggr_model(ids, labels=ids)
     with pytest.raises(ValueError, match="CGGRModel.select_rows: .* got cpu"):
         cggr_model.select_rows(ids, ids)
+
+
+def test_accumulated_gradients_of_graphed_blocks_are_copied_once_per_window(monkeypatch):
+    """pytorch/pytorch#169545: with CUDA-graphed blocks a parameter's first gradient is graph memory that the
+    next micro-batch's replay overwrites; begin_graph_step() copies it before the replay, once per
+    accumulation window (the copy is kept while it accumulates), and copies nothing after the gradients
+    were cleared."""
+    from cggr import compile_blocks
+
+    model = llama()
+    blocks = decoder_blocks(model)
+    monkeypatch.setattr(compile_blocks, "_graphed_parameters", {})
+    for p in blocks.parameters():
+        compile_blocks._graphed_parameters[id(p)] = p
+    n = len(compile_blocks._graphed_parameters)
+    outside = model.lm_head.weight
+    assert id(outside) not in compile_blocks._graphed_parameters
+    assert compile_blocks.own_accumulated_gradients() == 0  # no gradients: nothing to copy
+
+    model(torch.randint(0, V, (2, 5)), labels=torch.randint(0, V, (2, 5))).loss.backward()  # micro-batch 1
+    first = {id(p): p.grad for p in blocks.parameters()}
+    values = {k: g.clone() for k, g in first.items()}
+    assert compile_blocks.own_accumulated_gradients() == n
+    for p in blocks.parameters():
+        assert p.grad is not first[id(p)] and p.grad.data_ptr() != first[id(p)].data_ptr()
+        torch.testing.assert_close(p.grad, values[id(p)], rtol=0, atol=0)
+    copies = {id(p): p.grad for p in blocks.parameters()}
+    model(torch.randint(0, V, (2, 5)), labels=torch.randint(0, V, (2, 5))).loss.backward()  # accumulates in place
+    assert compile_blocks.own_accumulated_gradients() == 0
+    assert all(p.grad is copies[id(p)] for p in blocks.parameters())
+    model.zero_grad(set_to_none=True)
+    assert compile_blocks.own_accumulated_gradients() == 0
