@@ -6,6 +6,7 @@
 #   bash scripts/gpu_hf_round.sh 1  # the CUDA-graph tests again; regime 3 through the Trainer; the rest of regime 2
 #   bash scripts/gpu_hf_round.sh 2  # SmolLM2: example (a) at full size; the gate on the real checkpoint
 #   bash scripts/gpu_hf_round.sh 3  # the rest of regime 2 only (when stage 1 left runs)
+# Or the GGUF xz-compressed in two halves (.gpu_data/x0/gguf.xz.part0, .gpu_data/x1/gguf.xz.part1: stages 1, 2).
 # Carry: .gpu_data/p<STAGE>, and .gpu_data/bench (stages 0, 1), .gpu_data/bench_smol + corpus_trim + whl (2).
 # WALL (seconds, default 560): when the stage's last bench invocation must stop (cggr bench --max-wall;
 # an unfinished run is picked up by the same invocation in a later stage).
@@ -19,7 +20,7 @@ export PYTHONUNBUFFERED=1
 py=python3
 R=/tmp/cggr_round
 mkdir -p "$R" "${OUT:=/tmp/out}"
-for part in .gpu_data/p*/gguf.part*; do [ -f "$part" ] && cp "$part" /tmp/ && echo "carried $(basename "$part")"; done
+for part in .gpu_data/*/gguf*.part*; do [ -f "$part" ] && cp "$part" /tmp/ && echo "carried $(basename "$part")"; done
 # finished runs of regime 2 from an earlier machine (RUNS_FROM, their runs/*.json), when this one has none
 if [ -n "${RUNS_FROM:-}" ] && [ ! -d "$R/regime2/runs" ]; then mkdir -p "$R/regime2" && cp -r "$RUNS_FROM/runs" "$R/regime2/"; fi
 if [ ! -f /tmp/cggr_built ]; then
@@ -48,16 +49,23 @@ case $stage in
     --reference-budget 20 --time-budget 90 --ratios 0.25 --seeds 0 --trainer-compile blocks-cudagraphs \
     --out "$R/regime3_trainer" 2>&1 | grep -v "%" | tail -30
   cat "$R/regime3_trainer/summary.md" 2>/dev/null | head -12
-  $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
+  [ -n "${NO_REGIME2:-}" ] || $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
   ;;
 2)
-  for i in 0 1 2; do [ -f /tmp/gguf.part$i ] || { echo "GGUF part $i missing (the machine went cold?)"; exit 1; }; done
-  cat /tmp/gguf.part0 /tmp/gguf.part1 /tmp/gguf.part2 > /tmp/smollm2.gguf && md5sum /tmp/smollm2.gguf
+  if [ -f /tmp/gguf.xz.part0 ] && [ -f /tmp/gguf.xz.part1 ]; then  # the xz-compressed GGUF in two parts
+    cat /tmp/gguf.xz.part0 /tmp/gguf.xz.part1 | $py -c "import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/smollm2.gguf
+  else
+    for i in 0 1 2; do [ -f /tmp/gguf.part$i ] || { echo "GGUF part $i missing (the machine went cold?)"; exit 1; }; done
+    cat /tmp/gguf.part0 /tmp/gguf.part1 /tmp/gguf.part2 > /tmp/smollm2.gguf
+  fi
+  md5sum /tmp/smollm2.gguf
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_data/whl/*.whl
   PYTHONPATH=/tmp/site $py scripts/smollm2_checkpoint.py /tmp/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tail -1
-  $py examples/continued_pretraining.py --model /tmp/smollm2 --corpus .gpu_data/corpus_trim --out "$R/example_a" \
+  timeout $(( $(left) - 15 )) $py examples/continued_pretraining.py --model /tmp/smollm2 --corpus .gpu_data/corpus_trim --out "$R/example_a" \
     --length 512 --batch-size 32 --steps 200 --eval-every 10 --eval-rows 64 --ref-rows 256 --no-count-sources 2>&1 \
     | tail -12
+  [ -f .gpu_data/bench_smol/tokens-1448a7e4cf6ccafbb25e.npz ] && \
   $py -m cggr bench --corpus .gpu_data/bench_smol/tokens-1448a7e4cf6ccafbb25e.npz --seq-len 1024 --batch-size 32 \
     --lr 2e-4 --dtype bf16 --eval-every 5 --eval-rows 64 --cache-dir /tmp/cggr_bench_cache --regime finetune \
     --finetune-source python_doc --init-checkpoint /tmp/smollm2 --time-budget 60 --configs standard confidence_gate \
