@@ -63,7 +63,7 @@ shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)" > /tmp/smoll
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_data/whl/*.whl
   PYTHONPATH=/tmp/site $py scripts/smollm2_checkpoint.py /tmp/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tail -1
   timeout $(( $(left) - 15 )) $py examples/continued_pretraining.py --model /tmp/smollm2 --corpus .gpu_data/corpus_trim --out "$R/example_a" \
-    --length 512 --batch-size 32 --steps 200 --eval-every 10 --eval-rows 64 --ref-rows 256 --no-count-sources 2>&1 \
+    --length 512 --batch-size 32 --steps ${EXAMPLE_STEPS:-200} --eval-every 10 --eval-rows 64 --ref-rows 256 --no-count-sources 2>&1 \
     | tail -12
   [ -f .gpu_data/bench_smol/tokens-1448a7e4cf6ccafbb25e.npz ] && \
   $py -m cggr bench --corpus .gpu_data/bench_smol/tokens-1448a7e4cf6ccafbb25e.npz --seq-len 1024 --batch-size 32 \
