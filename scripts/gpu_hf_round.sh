@@ -49,12 +49,12 @@ case $stage in
   ;;
 1)
   $py -m pytest tests/gpu/test_hf_cuda.py tests/gpu/test_model_cuda.py -k "trainer or cuda_graphed" -q \
-    -p no:cacheprovider --tb=long > "$R/graph_tests.log" 2>&1
-  grep -v "^  warnings\|Warning\|DEBUG" "$R/graph_tests.log" | tail -40
+    -p no:cacheprovider --tb=long > "$OUT/graph_tests.log" 2>&1
+  grep -v "^  warnings\|Warning\|DEBUG" "$OUT/graph_tests.log" | tail -40
   $py -m benchmarks.bench_trainer_target $COMMON --regime target --target-source python_doc --reference-preset medium \
     --reference-budget 20 --time-budget 90 --ratios 0.25 --seeds 0 --trainer-compile blocks-cudagraphs \
-    --out "$R/regime3_trainer" 2>&1 | grep -v "%" | tail -30
-  cat "$R/regime3_trainer/summary.md" 2>/dev/null | head -12
+    --out "$OUT/regime3_trainer" 2>&1 | grep -v "%" | tail -30  # under OUT: kept if the call is cut short
+  cat "$OUT/regime3_trainer/summary.md" 2>/dev/null | head -12
   [ -n "${NO_REGIME2:-}" ] || $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
   ;;
 2)
