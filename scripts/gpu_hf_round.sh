@@ -48,7 +48,7 @@ case $stage in
   $py -m cggr bench $COMMON $REGIME2 --max-wall $(left) 2>&1 | grep -v "%" | tail -25
   ;;
 1)
-  $py -m pytest tests/gpu/test_hf_cuda.py tests/gpu/test_model_cuda.py -k "trainer or cuda_graphed" -q \
+  $py -m pytest tests/gpu/test_hf_cuda.py tests/gpu/test_model_cuda.py -k "trainer or accumulate" -q \
     -p no:cacheprovider --tb=long > "$OUT/graph_tests.log" 2>&1
   grep -v "^  warnings\|Warning\|DEBUG" "$OUT/graph_tests.log" | tail -40
   $py -m benchmarks.bench_trainer_target $COMMON --regime target --target-source python_doc --reference-preset medium \
