@@ -5,6 +5,7 @@ uncompiled step, every block compiled, the clear errors of the CUDA-graph varian
 step itself is tested on the GPU (tests/gpu/test_model_cuda.py)."""
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cggr import CGGRModel, ExcessLossRows, RandomRows, RouterSettings, StepOptions
@@ -80,10 +81,13 @@ def test_accumulated_gradients_of_graphed_blocks_are_copied_once_per_window(monk
 
     model = llama()
     blocks = decoder_blocks(model)
+    # the registration of compile_decoder_blocks(cuda_graphs=True), without compiling (no CUDA here)
     monkeypatch.setattr(compile_blocks, "_graphed_parameters", {})
-    for p in blocks.parameters():
-        compile_blocks._graphed_parameters[id(p)] = p
+    monkeypatch.setattr(compile_blocks, "_graph_trees_in_use", False)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **options: None)
+    compile_decoder_blocks(model, cuda_graphs=True)
     n = len(compile_blocks._graphed_parameters)
+    assert n == len(list(blocks.parameters()))
     outside = model.lm_head.weight
     assert id(outside) not in compile_blocks._graphed_parameters
     assert compile_blocks.own_accumulated_gradients() == 0  # no gradients: nothing to copy
@@ -91,10 +95,11 @@ def test_accumulated_gradients_of_graphed_blocks_are_copied_once_per_window(monk
     model(torch.randint(0, V, (2, 5)), labels=torch.randint(0, V, (2, 5))).loss.backward()  # micro-batch 1
     first = {id(p): p.grad for p in blocks.parameters()}
     values = {k: g.clone() for k, g in first.items()}
-    assert compile_blocks.own_accumulated_gradients() == n
+    compile_blocks.begin_graph_step()  # what every graphed call does before its replay
     for p in blocks.parameters():
         assert p.grad is not first[id(p)] and p.grad.data_ptr() != first[id(p)].data_ptr()
         torch.testing.assert_close(p.grad, values[id(p)], rtol=0, atol=0)
+    assert compile_blocks.own_accumulated_gradients() == 0  # copied once: nothing left to copy
     copies = {id(p): p.grad for p in blocks.parameters()}
     model(torch.randint(0, V, (2, 5)), labels=torch.randint(0, V, (2, 5))).loss.backward()  # accumulates in place
     assert compile_blocks.own_accumulated_gradients() == 0
