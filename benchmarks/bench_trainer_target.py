@@ -147,7 +147,9 @@ def make_trainer(name, model, bench, dataset, clock, optim_cfg, seed, ratio, com
         max_grad_norm=optim_cfg.grad_clip, bf16=s.dtype == "bf16" and bench.device.type == "cuda",
         report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10 ** 8, disable_tqdm=True,
         dataloader_num_workers=0, seed=seed, data_seed=seed, use_cpu=bench.device.type == "cpu",
-        remove_unused_columns=False)
+        # full batches only, as the loop bench: a short last batch of the pool is a new shape, whose CUDA
+        # graphs were compiled inside the clock (about 8 s in the run of 2026-12-06)
+        dataloader_drop_last=True, remove_unused_columns=False)
     optimizer = make_optimizer(model, optim_cfg, bench.device)
     clock.optimizer = optimizer
     # LambdaLR's argument is the number of steps taken: the untimed ones run at learning rate 0

@@ -79,7 +79,10 @@ class ReferenceModel:
             logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1]
             keep = valid[rows]
             chunk_targets = torch.where(keep, targets[rows], torch.zeros_like(targets[rows]))  # any in-range id
-            nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), chunk_targets, reduction="none")
+            # flattened to [N, V]: the [N, V, T] layout (class dim in the middle) runs CUDA's spatial
+            # log-softmax, several times slower at a large vocabulary
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk_targets.reshape(-1),
+                                              reduction="none").view(chunk_targets.shape)
             out[rows] = torch.where(keep, nll, torch.zeros_like(nll))
         return out
 

@@ -115,7 +115,9 @@ def token_nll(model, rows: torch.Tensor, autocast) -> torch.Tensor:
     begin_graph_step()
     with autocast():
         logits = model(input_ids=rows).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
+    targets = rows[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             reduction="none").view(targets.shape)
 
 
 
