@@ -1,5 +1,7 @@
-"""``cggr.ReferenceModel``'s per-token NLL: the flattened cross entropy it uses against the ``[B, V, T]`` layout
-it used until 2026-12-06 (class dimension in the middle, which CUDA computes with its spatial log-softmax).
+"""``cggr.ReferenceModel``'s per-token NLL against what it did until 2026-12-06: the model's whole forward per
+chunk of rows (7 forwards of 5 rows at 32 x 512, vocabulary 49152), and the cross entropy on ``[B, V, T]``
+logits (class dimension in the middle, which CUDA computes with its spatial log-softmax). Now: the layers
+once over the batch, the LM head and a flattened cross entropy per chunk.
 
     python -m benchmarks.bench_reference_model [--batch 32] [--seq 512] [--steps 10] [--device cuda]
 
@@ -25,6 +27,14 @@ def transposed_nll(model, input_ids):
     """The former computation: one chunk of rows, logits transposed to [B, V, T-1]."""
     logits = model(input_ids=input_ids).logits[:, :-1]
     return nn.functional.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+
+
+def flattened_nll(model, input_ids):
+    """The forward per chunk of rows, the cross entropy flattened to [B * (T-1), V]."""
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                       reduction="none").view(targets.shape)
 
 
 def timed(fn, steps, device):
@@ -65,15 +75,19 @@ def main(argv=None):
     reference = cggr.ReferenceModel(model)
     step = max(1, reference_module.LOGITS_CHUNK_BYTES // (args.seq * model.config.vocab_size * 4))
 
-    def old():
-        return torch.cat([transposed_nll(model, ids[i:i + step]) for i in range(0, args.batch, step)])
+    def per_chunk(nll):
+        return lambda: torch.cat([nll(model, ids[i:i + step]) for i in range(0, args.batch, step)])
+
+    old = per_chunk(transposed_nll)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     rows = []
     with torch.no_grad(), autocast:
         diff = float((old() - reference(ids)).abs().max())
-        for name, fn in (("ReferenceModel (flattened)", lambda: reference(ids)), ("former [B, V, T] layout", old),
-                         ("plain forward", lambda: model(input_ids=ids).logits)):
+        for name, fn in (("ReferenceModel: layers once, head + flattened CE per chunk", lambda: reference(ids)),
+                         ("forward per chunk, flattened CE", per_chunk(flattened_nll)),
+                         ("forward per chunk, [B, V, T] CE (until 2026-12-06)", old),
+                         ("plain forward of the batch (logits only)", lambda: model(input_ids=ids).logits)):
             rows.append((name, *timed(fn, args.steps, device)))
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"reference NLL of {args.batch} x {args.seq} tokens, SmolLM-135M shape, {dev}, chunks of {step} rows; "

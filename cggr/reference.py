@@ -21,11 +21,13 @@ Typical loop::
 Parked alternatives (``RunningBaseline``, ``otsu_threshold``) live in ``cggr.experimental``.
 """
 import copy
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .router_adapters import build_adapter
 from .rows import check_optional_positive_int, reference_row_means, scored_targets
 
 LOGITS_CHUNK_BYTES = 512 << 20  # float32 logits per chunk of rows in ReferenceModel
@@ -50,6 +52,11 @@ class ReferenceModel:
     ``LOGITS_CHUNK_BYTES`` of float32 logits). Targets that are ``-100`` in ``labels``, or whose
     predicting or target position is padding in ``attention_mask``, get NLL 0: the excess-loss scoring
     never reads them.
+
+    For the Hugging Face decoder-only models the router supports (``cggr.router_adapters``) the model's
+    layers run once over the whole batch and only its LM head (with its logit scale and soft cap) runs per
+    chunk of rows; any other causal LM runs its whole forward per chunk (slower where the host bounds the
+    step: one warning at construction says so, with the reason).
     """
 
     def __init__(self, model: nn.Module, rows_per_chunk: Optional[int] = None):
@@ -57,6 +64,13 @@ class ReferenceModel:
             raise TypeError(f"model must be an nn.Module (a causal LM), got {type(model).__name__}")
         self.rows_per_chunk = check_optional_positive_int("rows_per_chunk", rows_per_chunk)
         self.model = model.eval().requires_grad_(False)
+        self._trunk = None  # the router's adapter at full depth: the layers once, the head per chunk
+        try:
+            depth = build_adapter(model, 1, "ReferenceModel").depth()
+            self._trunk = build_adapter(model, depth, "ReferenceModel")
+        except TypeError as unsupported:  # the adapters' one refusal: not a decoder-only HF causal LM they know
+            warnings.warn(f"{unsupported}; so its whole forward runs once per chunk of rows (not only its LM head)",
+                          stacklevel=2)
 
     @classmethod
     def frozen_copy(cls, model: nn.Module, rows_per_chunk: Optional[int] = None) -> "ReferenceModel":
@@ -73,10 +87,14 @@ class ReferenceModel:
         valid = scored_targets(labels, attention_mask)
         out = torch.zeros(B, T - 1, dtype=torch.float32, device=input_ids.device)
         step = self.rows_per_chunk or max(1, LOGITS_CHUNK_BYTES // (T * self._vocab_size() * 4))
+        hidden = None if self._trunk is None else self._trunk.trunk(input_ids, attention_mask, None, None)
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
-            mask = None if attention_mask is None else attention_mask[rows]
-            logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1]
+            if hidden is None:
+                mask = None if attention_mask is None else attention_mask[rows]
+                logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1]
+            else:
+                logits = self._head_logits(hidden[rows, :-1])
             keep = valid[rows]
             chunk_targets = torch.where(keep, targets[rows], torch.zeros_like(targets[rows]))  # any in-range id
             # flattened to [N, V]: the [N, V, T] layout (class dim in the middle) runs CUDA's spatial
@@ -85,6 +103,13 @@ class ReferenceModel:
                                               reduction="none").view(chunk_targets.shape)
             out[rows] = torch.where(keep, nll, torch.zeros_like(nll))
         return out
+
+    def _head_logits(self, hidden):
+        """The model's logits from its final hidden states: LM head, then the soft cap where it has one."""
+        head = self._trunk.head()
+        logits = nn.functional.linear(hidden, head.weight, head.bias)
+        cap = self._trunk.softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def row_nll(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

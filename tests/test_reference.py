@@ -293,3 +293,44 @@ def test_parked_signals_old_from_import_names_the_new_path(module, name):
     an AttributeError of a module ``__getattr__`` into a bare "cannot import name" ImportError."""
     with pytest.raises(ImportError, match=rf"cggr\.experimental\.{name}"):
         exec(f"from {module} import {name}", {})
+
+
+@pytest.mark.parametrize("variant", sorted(__import__("test_router_families").VARIANTS))
+def test_reference_model_head_per_chunk_equals_the_models_own_forward(variant):
+    """Every family the router verifies runs its layers once and its head per chunk: the same per-token NLL
+    as the model's own forward (logit scale and soft cap included), padded rows and ignored targets too."""
+    from test_router_families import V, make_model
+
+    model = make_model(variant)  # float32: the MoE families' grouped matmul takes no float64
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, V, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    labels = ids.clone()
+    labels[2, 4] = -100
+    reference = ReferenceModel(model, rows_per_chunk=3)
+    assert reference._trunk is not None
+    expected = _nll_float64(model, ids, labels, mask)
+    got = reference(ids, labels, mask)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_model_other_causal_lm_runs_its_forward_per_chunk_and_says_so():
+    class Wrapped(torch.nn.Module):  # a causal LM the router does not know: forward(input_ids=...).logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    model = tiny_model("llama")
+    ids, labels, mask = _batch()
+    with pytest.warns(UserWarning, match="unsupported architecture Wrapped: not a Hugging Face causal LM .*"
+                                         "whole forward runs once per chunk of rows"):
+        reference = ReferenceModel(Wrapped(model), rows_per_chunk=2)
+    torch.testing.assert_close(reference(ids, labels, mask).double(), _nll_float64(model, ids, labels, mask),
+                               rtol=1e-5, atol=1e-5)
