@@ -68,6 +68,7 @@ class ReferenceModel:
         try:
             depth = build_adapter(model, 1, "ReferenceModel").depth()
             self._trunk = build_adapter(model, depth, "ReferenceModel")
+            self._trunk.head()  # an nn.Linear LM head (not, e.g., a LoRA-wrapped one), or a TypeError now
         except TypeError as unsupported:  # the adapters' one refusal: not a decoder-only HF causal LM they know
             warnings.warn(f"{unsupported}; so its whole forward runs once per chunk of rows (not only its LM head)",
                           stacklevel=2)

@@ -220,8 +220,10 @@ class DecoderAdapter:
     def head(self):
         head = self.model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
+            kind = type(head)
             raise TypeError(f"{type(self.model).__name__}: expected an nn.Linear LM head from "
-                            f"get_output_embeddings(), got {type(head).__name__}")
+                            f"get_output_embeddings(), got {kind.__module__}.{kind.__qualname__} (an adapter "
+                            "on the LM head, e.g. LoRA, is not a plain nn.Linear)")
         return head
 
     def trunk_problem(self):

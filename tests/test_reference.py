@@ -306,6 +306,7 @@ def test_reference_model_head_per_chunk_equals_the_models_own_forward(variant):
     ids = torch.randint(3, V, (4, 9), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # right padding
+    mask[3, :2] = 0  # left padding
     labels = ids.clone()
     labels[2, 4] = -100
     reference = ReferenceModel(model, rows_per_chunk=3)
@@ -332,5 +333,24 @@ def test_reference_model_other_causal_lm_runs_its_forward_per_chunk_and_says_so(
     with pytest.warns(UserWarning, match="unsupported architecture Wrapped: not a Hugging Face causal LM .*"
                                          "whole forward runs once per chunk of rows"):
         reference = ReferenceModel(Wrapped(model), rows_per_chunk=2)
+    torch.testing.assert_close(reference(ids, labels, mask).double(), _nll_float64(model, ids, labels, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_reference_model_of_a_peft_model(targets):
+    """LoRA in the layers: the head-per-chunk path, adapters applied; LoRA on the LM head (not an nn.Linear):
+    the forward per chunk, with the warning. The same NLL as the PEFT model's own forward either way."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=targets,
+                                                                       init_lora_weights=False))
+    ids, labels, mask = _batch()
+    if "lm_head" in targets:
+        with pytest.warns(UserWarning, match="expected an nn.Linear LM head .* whole forward runs once per chunk"):
+            reference = ReferenceModel(model, rows_per_chunk=2)
+        assert reference._trunk is None
+    else:
+        reference = ReferenceModel(model, rows_per_chunk=2)
+        assert reference._trunk is not None
     torch.testing.assert_close(reference(ids, labels, mask).double(), _nll_float64(model, ids, labels, mask),
                                rtol=1e-5, atol=1e-5)
