@@ -85,6 +85,8 @@ def main(argv=None):
     with torch.no_grad(), autocast:
         diff = float((old() - reference(ids)).abs().max())
         for name, fn in (("ReferenceModel: layers once, head + flattened CE per chunk", lambda: reference(ids)),
+                         ("the same, token_stride=8 (what ExcessLossRows() reads)",
+                          lambda: reference(ids, token_stride=8)),
                          ("forward per chunk, flattened CE", per_chunk(flattened_nll)),
                          ("forward per chunk, [B, V, T] CE (until 2026-12-06)", old),
                          ("plain forward of the batch (logits only)", lambda: model(input_ids=ids).logits)):

@@ -221,6 +221,16 @@ class CGGRModel(DataParallelRows, StepStateDict, nn.Module):
         return self._step
 
     @property
+    def reference_token_stride(self) -> int:
+        """``s`` when this model reads the reference NLL of the targets ``s-1, 2s-1, ...`` only (an excess-loss
+        router scoring every s-th position, no token selection by it): pass it to ``ReferenceModel(...,
+        token_stride=s)`` to score only those. 1 when every target's value may be read."""
+        policy = self.policy
+        if not policy.uses_router or policy.scoring != "excess_loss" or self.token_ratio < 1.0:
+            return 1
+        return self._router_settings.token_stride
+
+    @property
     def current_ratio(self) -> float:
         return self.schedule.curriculum_ratio(self._step)
 

@@ -15,12 +15,15 @@ Typical loop::
 
     reference = ReferenceModel(small_model)
     cggr_model = CGGRModel(model, policy=ExcessLossRows(), min_tokens_ratio=0.25, warmup_steps=0)
-    loss = cggr_model(input_ids, labels=labels, reference_nll=reference(input_ids, labels))
+    # the router reads every 8th target only: score those (1/8 of the reference's LM head and loss)
+    stride = cggr_model.reference_token_stride
+    loss = cggr_model(input_ids, labels=labels, reference_nll=reference(input_ids, labels, token_stride=stride))
     loss.backward(); optimizer.step(); cggr_model.step()
 
 Parked alternatives (``RunningBaseline``, ``otsu_threshold``) live in ``cggr.experimental``.
 """
 import copy
+import math
 import warnings
 from typing import Optional
 
@@ -80,29 +83,39 @@ class ReferenceModel:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 attention_mask: Optional[torch.Tensor] = None, token_stride: int = 1) -> torch.Tensor:
+        """``token_stride=s``: only the targets ``s-1, 2s-1, ...`` (0-based, of the ``T-1``), the ones a router
+        with ``RouterSettings(token_stride=s)`` scores (``CGGRModel.reference_token_stride``), get their NLL;
+        the others are NaN. The LM head and the cross entropy then run on ``1/s`` of the positions."""
         _check_ids(input_ids, labels, attention_mask)
+        if isinstance(token_stride, bool) or not isinstance(token_stride, int) or token_stride < 1:
+            raise ValueError(f"token_stride must be an int >= 1, got {token_stride!r}")
         labels = input_ids if labels is None else labels
         B, T = input_ids.shape
-        targets = labels[:, 1:]
-        valid = scored_targets(labels, attention_mask)
-        out = torch.zeros(B, T - 1, dtype=torch.float32, device=input_ids.device)
-        step = self.rows_per_chunk or max(1, LOGITS_CHUNK_BYTES // (T * self._vocab_size() * 4))
+        scored = slice(token_stride - 1, None, token_stride)  # of the T-1 shifted targets
+        targets = labels[:, 1:][:, scored]
+        valid = scored_targets(labels, attention_mask)[:, scored]
+        fill = 0.0 if token_stride == 1 else math.nan
+        out = torch.full((B, T - 1), fill, dtype=torch.float32, device=input_ids.device)
+        n_scored = targets.shape[1]
+        if n_scored == 0:  # a stride longer than the row: nothing to score
+            return out
+        step = self.rows_per_chunk or max(1, LOGITS_CHUNK_BYTES // (n_scored * self._vocab_size() * 4))
         hidden = None if self._trunk is None else self._trunk.trunk(input_ids, attention_mask, None, None)
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
             if hidden is None:
                 mask = None if attention_mask is None else attention_mask[rows]
-                logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1]
+                logits = self.model(input_ids=input_ids[rows], attention_mask=mask).logits[:, :-1][:, scored]
             else:
-                logits = self._head_logits(hidden[rows, :-1])
+                logits = self._head_logits(hidden[rows, :-1][:, scored])
             keep = valid[rows]
             chunk_targets = torch.where(keep, targets[rows], torch.zeros_like(targets[rows]))  # any in-range id
             # flattened to [N, V]: the [N, V, T] layout (class dim in the middle) runs CUDA's spatial
             # log-softmax, several times slower at a large vocabulary
             nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), chunk_targets.reshape(-1),
                                               reduction="none").view(chunk_targets.shape)
-            out[rows] = torch.where(keep, nll, torch.zeros_like(nll))
+            out[rows, scored] = torch.where(keep, nll, torch.zeros_like(nll))
         return out
 
     def _head_logits(self, hidden):

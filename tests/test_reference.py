@@ -1,6 +1,7 @@
 """cggr.reference: ReferenceModel (per-token NLL of a frozen LM), domain_threshold, CGGRModel.router_row_nll;
 the parked cggr.experimental.RunningBaseline and otsu_threshold."""
 import math
+import re
 
 import pytest
 import torch
@@ -354,3 +355,64 @@ def test_reference_model_of_a_peft_model(targets):
         assert reference._trunk is not None
     torch.testing.assert_close(reference(ids, labels, mask).double(), _nll_float64(model, ids, labels, mask),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("stride", [1, 2, 3, 10, 11])
+def test_reference_model_token_stride_scores_the_routers_positions_only(stride, wrapped):
+    """token_stride=s: targets s-1, 2s-1, ... equal the full call's values (ignored / padded ones 0), the rest
+    NaN; both paths (layers once + head, and a model's own forward per chunk)."""
+    model = tiny_model("llama")
+    if wrapped:
+        model = peft_free_wrapper(model)
+    ids, labels, mask = _batch()  # T = 11: 10 targets; stride 11 scores none
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        reference = ReferenceModel(model, rows_per_chunk=2)
+    full = reference(ids, labels, mask)
+    got = reference(ids, labels, mask, token_stride=stride)
+    scored = torch.zeros(10, dtype=torch.bool)
+    scored[stride - 1::stride] = True
+    torch.testing.assert_close(got[:, scored], full[:, scored], rtol=0, atol=1e-6)
+    if stride > 1:
+        assert torch.isnan(got[:, ~scored]).all()
+    else:
+        assert not torch.isnan(got).any()
+
+
+def peft_free_wrapper(inner):
+    class Wrapped(torch.nn.Module):  # no config: the per-chunk forward path
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+    return Wrapped()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_reference_model_token_stride_bad_input(bad):
+    ids, labels, mask = _batch()
+    with pytest.raises(ValueError, match=rf"token_stride must be an int >= 1, got {re.escape(repr(bad))}"):
+        ReferenceModel(tiny_model("llama"))(ids, labels, mask, token_stride=bad)
+
+
+def test_cggr_model_reference_token_stride():
+    from cggr.options import StepOptions
+
+    model = tiny_model("llama")
+    assert CGGRModel(model, policy=ExcessLossRows()).reference_token_stride == 8
+    assert CGGRModel(model, policy=ExcessLossRows(RouterSettings(layers=1, token_stride=3))).reference_token_stride == 3
+    assert CGGRModel(model, policy=ExcessLossRows(RouterSettings(layers=2))).reference_token_stride == 1
+    assert CGGRModel(model, policy=ReferenceFilter(threshold=1.0)).reference_token_stride == 1  # row means: all
+    hardest = HardestRows(router=RouterSettings(layers=1, token_stride=4))  # reads no reference
+    assert CGGRModel(model, policy=hardest).reference_token_stride == 1
+    # token selection in the fused loss reads every selected row's reference values
+    token_level = CGGRModel(model, policy=ExcessLossRows(),
+                            step_options=StepOptions(loss_impl="fused", token_ratio=0.5))
+    assert token_level.reference_token_stride == 1

@@ -302,7 +302,9 @@ class CGGRTrainerMixin:
                 if self.cggr_reference is None:
                     raise ValueError(f"CGGRConfig.reference={self.cggr_config.reference!r}: the batch has no "
                                      "reference values (is the column in the training dataset?)")
-                reference_nll = self.cggr_reference(input_ids, labels, attention_mask)
+                # only the targets the policy's router reads (every 8th for ExcessLossRows()): 1/8 of the head
+                reference_nll = self.cggr_reference(input_ids, labels, attention_mask,
+                                                    token_stride=cggr.reference_token_stride)
         router_kwargs = {n: rows[n] for n in ("position_ids", "token_type_ids") if rows.get(n) is not None}
         selection = cggr.select_rows(input_ids, labels, attention_mask, reference_nll, **router_kwargs)
         if selection is not None and selection.row_weight is not None:
