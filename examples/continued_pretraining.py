@@ -113,7 +113,7 @@ def check_args(p, args):
         if not os.path.isfile(path):
             p.error(f"--corpus {args.corpus}: no {source}.txt.gz there (the shared corpus: python_doc, "
                     "shakespeare, gcide, fortunes, wordnet_glosses)")
-    for name in ("steps", "batch_size", "eval_every", "ref_epochs"):
+    for name in ("steps", "batch_size", "eval_every", "ref_epochs", "router_layers", "router_stride"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("eval_rows", "ref_rows"):
@@ -140,6 +140,11 @@ def main(argv=None):
     p.add_argument("--eval-rows", type=int, default=16, help="held-out rows of the target, and of the others")
     p.add_argument("--ref-rows", type=int, default=32, help="clean target rows the reference fine-tunes on")
     p.add_argument("--ref-epochs", type=int, default=2, help="epochs of the reference's fine-tuning")
+    p.add_argument("--router-layers", type=int, default=1,
+                   help="blocks of the router that scores rows (ExcessLossRows' default: 1; at most the model's "
+                        "depth - 1). On this pretrained checkpoint a shallow router barely finds the target "
+                        "(benchmarks/probe_excess_selection.py)")
+    p.add_argument("--router-stride", type=int, default=8, help="the router scores every n-th position (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--count-sources", action=argparse.BooleanOptionalAction, default=True,
                    help="record the source of every trained row (a hook that reads the batch on the host at "
@@ -255,7 +260,10 @@ def main(argv=None):
         if name == "standard":
             trainer = tf.Trainer(**common)
         else:
-            trainer = CGGRTrainer(**common, cggr_config=CGGRConfig(reference=reference, min_tokens_ratio=0.25,
+            policy = cggr.ExcessLossRows(cggr.RouterSettings(layers=args.router_layers,
+                                                             token_stride=args.router_stride))
+            trainer = CGGRTrainer(**common, cggr_config=CGGRConfig(reference=reference, policy=policy,
+                                                                   min_tokens_ratio=0.25,
                                                                    warmup_steps=0))
         trainer.train()
         kept = {log["step"]: log["cggr/kept_ratio"] for log in trainer.state.log_history if "cggr/kept_ratio" in log}

@@ -46,7 +46,7 @@ def test_continued_pretraining_tiny(folder, tmp_path):
     out = tmp_path / "out"
     proc = run("--model", folder, "--corpus", CORPUS, "--out", str(out), "--steps", "2", "--batch-size", "4",
                "--length", "32", "--eval-every", "1", "--eval-rows", "4", "--ref-rows", "4", "--ref-epochs", "1",
-               "--device", "cpu")
+               "--router-layers", "2", "--router-stride", "1", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     with open(out / "continued_pretraining.csv", newline="") as f:
