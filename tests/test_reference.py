@@ -2,6 +2,7 @@
 the parked cggr.experimental.RunningBaseline and otsu_threshold."""
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -317,18 +318,21 @@ def test_reference_model_head_per_chunk_equals_the_models_own_forward(variant):
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+class Wrapped(torch.nn.Module):
+    """A causal LM the router's adapters do not know (no config): ``forward(input_ids=...).logits``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+
 def test_reference_model_other_causal_lm_runs_its_forward_per_chunk_and_says_so():
-    class Wrapped(torch.nn.Module):  # a causal LM the router does not know: forward(input_ids=...).logits
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-        def get_output_embeddings(self):
-            return self.inner.get_output_embeddings()
-
     model = tiny_model("llama")
     ids, labels, mask = _batch()
     with pytest.warns(UserWarning, match="unsupported architecture Wrapped: not a Hugging Face causal LM .*"
@@ -364,10 +368,10 @@ def test_reference_model_token_stride_scores_the_routers_positions_only(stride, 
     NaN; both paths (layers once + head, and a model's own forward per chunk)."""
     model = tiny_model("llama")
     if wrapped:
-        model = peft_free_wrapper(model)
+        model = Wrapped(model)
     ids, labels, mask = _batch()  # T = 11: 10 targets; stride 11 scores none
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Wrapped's per-chunk warning: tested above
         reference = ReferenceModel(model, rows_per_chunk=2)
     full = reference(ids, labels, mask)
     got = reference(ids, labels, mask, token_stride=stride)
@@ -378,21 +382,6 @@ def test_reference_model_token_stride_scores_the_routers_positions_only(stride, 
         assert torch.isnan(got[:, ~scored]).all()
     else:
         assert not torch.isnan(got).any()
-
-
-def peft_free_wrapper(inner):
-    class Wrapped(torch.nn.Module):  # no config: the per-chunk forward path
-        def __init__(self):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-        def get_output_embeddings(self):
-            return self.inner.get_output_embeddings()
-
-    return Wrapped()
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
